@@ -1,0 +1,167 @@
+"""Target and proxy GPTs: megatron-core ``GPTModel`` built from a :class:`ModelConfig` and a layer spec.
+
+The layer spec follows what is installed and what the caller needs:
+- ``te``: Transformer Engine's spec (fused kernels), chosen by ``auto`` when ``transformer_engine`` imports;
+- ``sdpa``: megatron-core's local spec with core attention replaced by :class:`SDPAttention`, which calls
+  ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU); ``auto`` on CUDA
+  without TE;
+- ``local``: megatron-core's unfused attention, the only one that supports double backward and forward-mode AD
+  (exact Hessian-vector products); ``auto`` on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_bliss.models.presets import ModelConfig, to_transformer_config
+
+logger = logging.getLogger(__name__)
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine's PyTorch extension imports."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return False
+    return True
+
+
+def resolve_attention_backend(requested: str) -> str:
+    """Maps ``auto`` to te | sdpa | local by what is installed; validates an explicit request."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "te" if transformer_engine_available() else "sdpa"
+        return "local"
+    if requested == "te" and not transformer_engine_available():
+        raise ValueError("model.attention_backend='te' but transformer_engine is not importable; "
+                         "install megatron_bliss[gpu] or use 'sdpa' or 'local'")
+    return requested
+
+
+def _sdpa_attention_class():
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class SDPAttention(DotProductAttention):
+        """Causal core attention through torch SDPA; same inputs/outputs as megatron's DotProductAttention.
+
+        Inputs are ``[s, b, heads, head_dim]``; the output is ``[s, b, heads * head_dim]``. The mask argument is
+        ignored: every model here is causal over whole sequences (no padding, no packing).
+        """
+
+        def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            assert packed_seq_params is None and attention_bias is None, "SDPAttention: causal attention only"
+            groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+            if groups > 1:
+                key = key.repeat_interleave(groups, dim=2)
+                value = value.repeat_interleave(groups, dim=2)
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, np, s, hn]
+            dropout = self.attention_dropout.p if self.training else 0.0
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                         scale=self.softmax_scale)
+            context = context.permute(2, 0, 1, 3).contiguous()
+            return context.view(*context.shape[:2], self.hidden_size_per_partition)
+
+    return SDPAttention
+
+
+def get_layer_spec(backend: str):
+    """Transformer-layer ``ModuleSpec`` for an attention backend (te | sdpa | local)."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if backend == "te":
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec()
+    if backend == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = _sdpa_attention_class()
+    elif backend != "local":
+        raise ValueError(f"unknown attention backend {backend!r}")
+    return spec
+
+
+def build_gpt(cfg: ModelConfig, *, pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+              params_dtype: torch.dtype = torch.float32, attention_backend: Optional[str] = None,
+              vp_stage: Optional[int] = None, **config_overrides):
+    """Builds a target or proxy ``GPTModel`` for this rank's tensor/pipeline position.
+
+    megatron-core's ``parallel_state`` must be initialized (see :func:`megatron_bliss.parallel.initialize`).
+
+    Args:
+        cfg: model shape.
+        pre_process / post_process: whether this pipeline stage holds the embedding / the output layer; by default
+            derived from the rank's pipeline stage.
+        params_dtype: parameter dtype (fp32 on CPU; bf16 for GPU training with fp32 master weights).
+        attention_backend: overrides ``cfg.attention_backend``.
+        vp_stage: virtual-pipeline chunk index when interleaving.
+        **config_overrides: extra ``TransformerConfig`` fields.
+
+    Returns:
+        A ``megatron.core.models.gpt.GPTModel`` on this rank's device.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    backend = resolve_attention_backend(attention_backend or cfg.attention_backend)
+    config = to_transformer_config(cfg, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                   virtual_pipeline_model_parallel_size=vpp, params_dtype=params_dtype,
+                                   **config_overrides)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_layer_spec(backend),
+        vocab_size=cfg.padded_vocab_size(tp),
+        max_sequence_length=cfg.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_percent=cfg.rotary_percent,
+        rotary_base=cfg.rotary_base,
+        vp_stage=vp_stage,
+    )
+    model.attention_backend = backend
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def build_gpt_chunks(cfg: ModelConfig, **kwargs) -> list:
+    """All model chunks of this rank: one per virtual-pipeline stage (a list of one without interleaving)."""
+    from megatron.core import parallel_state as ps
+
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is None or vpp == 1:
+        return [build_gpt(cfg, **kwargs)]
+    return [build_gpt(cfg, vp_stage=i, **kwargs) for i in range(vpp)]
+
+
+def causal_attention_mask(seq_length: int, device=None) -> torch.Tensor:
+    """Boolean ``[1, 1, s, s]`` mask, True where attention is NOT allowed (megatron-core's convention)."""
+    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), diagonal=1)[None, None]
+
+
+def position_ids(batch_size: int, seq_length: int, device=None) -> torch.Tensor:
+    """``[b, s]`` positions 0..s-1."""
+    return torch.arange(seq_length, device=device).unsqueeze(0).expand(batch_size, -1)
+
+
+def gpt_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits ``[b, s, vocab/tp]`` of a single-stage GPT on ``tokens`` ``[b, s]`` (no labels: full autograd)."""
+    b, s = tokens.shape
+    return model(tokens, position_ids(b, s, tokens.device), causal_attention_mask(s, tokens.device))

@@ -1,0 +1,189 @@
+"""Process groups, devices, seeds and rank helpers: the one place that knows about distributed execution.
+
+:func:`initialize` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``), initializes ``torch.distributed`` (NCCL with CUDA, gloo without), megatron-core's
+``parallel_state`` with the tensor/pipeline sizes of a :class:`ParallelConfig`, applies the CPU shims when CUDA is
+absent, and seeds every generator deterministically per rank. A plain ``python`` process (no torchrun variables) is
+a world of one. Model and bilevel code stay single-device; where they need a collective they take the group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_bliss import compat
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout of one job; data-parallel size is derived as world_size / (tp * pp)."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size (TP): shards every linear layer's weights across this many ranks."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size (PP): splits the layers into this many stages."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline stage for the interleaved schedule; None disables interleaving."""
+    seed: int = 1234
+    """Base seed; data-parallel ranks share it, tensor-parallel ranks offset it as megatron-core does."""
+    backend: Optional[str] = None
+    """torch.distributed backend; None picks nccl with CUDA and gloo without."""
+    timeout_minutes: int = 30
+    """Collective timeout."""
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None and (vpp < 1 or self.pipeline_model_parallel_size < 2):
+            raise ValueError("parallel.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size >= 2")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Returns the data-parallel size for ``world_size`` ranks, or raises if the layout does not fit."""
+        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        if world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor_model_parallel_size "
+                f"({self.tensor_model_parallel_size}) x pipeline_model_parallel_size "
+                f"({self.pipeline_model_parallel_size})")
+        return world_size // model_parallel
+
+
+def get_device() -> torch.device:
+    """The device this rank computes on: ``cuda:LOCAL_RANK`` with CUDA, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, numpy and torch (and megatron's tracker) for this rank."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as mrandom
+
+    # after apply_cpu_shims the attribute is the CPU version; read it at call time
+    (mrandom.model_parallel_cuda_manual_seed if compat.cpu_shims_needed()
+     else tensor_parallel.model_parallel_cuda_manual_seed)(seed)
+
+
+def initialize(cfg: ParallelConfig) -> None:
+    """Initializes torch.distributed and megatron-core model parallelism for ``cfg``; idempotent per process.
+
+    Args:
+        cfg: the layout. Raises ValueError when it does not divide the world size.
+    """
+    from megatron.core import parallel_state as ps
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cfg.data_parallel_size(world_size)  # validates before any collective
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = cfg.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if "MASTER_ADDR" not in os.environ:
+            if world_size != 1:
+                raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is unset: launch with torchrun")
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+    compat.apply_cpu_shims()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
+        distributed_timeout_minutes=cfg.timeout_minutes,
+    )
+    seed_everything(cfg.seed)
+    logger.debug("initialized rank %d/%d tp=%d pp=%d dp=%d", rank, world_size, cfg.tensor_model_parallel_size,
+                 cfg.pipeline_model_parallel_size, ps.get_data_parallel_world_size())
+
+
+def destroy() -> None:
+    """Tears down megatron-core's groups and the default process group."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    """Global rank (0 outside torch.distributed)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Global world size (1 outside torch.distributed)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_rank0() -> bool:
+    """True on global rank 0."""
+    return rank() == 0
+
+
+def log_rank0(msg: str, *args, level: int = logging.INFO) -> None:
+    """Logs only on global rank 0."""
+    if is_rank0():
+        logging.getLogger("megatron_bliss").log(level, msg, *args)
+
+
+def data_parallel_group():
+    """megatron-core's data-parallel group of this rank (None before :func:`initialize`)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group() if ps.model_parallel_is_initialized() else None
+
+
+def data_parallel_rank_and_size() -> tuple[int, int]:
+    """(rank, size) of this process within its data-parallel group; (0, 1) when uninitialized."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 0, 1
+    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+
+def all_reduce_mean(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place mean over ``group`` (the data-parallel group by default); a no-op for a group of one."""
+    group = group if group is not None else data_parallel_group()
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+        tensor /= dist.get_world_size(group)
+    return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place sum over ``group`` (the data-parallel group by default)."""
+    group = group if group is not None else data_parallel_group()
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+    return tensor
