@@ -41,3 +41,15 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 300, en
 @pytest.fixture
 def torchrun():
     return run_torchrun
+
+
+@pytest.fixture(scope="session")
+def single_process():
+    """megatron-core initialized for one CPU process (TP=PP=1), shared by the tests of a session."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
+    from megatron_bliss import parallel
+
+    parallel.initialize(parallel.ParallelConfig(seed=1234))
+    yield

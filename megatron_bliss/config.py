@@ -1,0 +1,194 @@
+"""Layered configuration: dataclass defaults, then a YAML file, then ``--section.key=value`` overrides.
+
+Each concern owns its dataclass next to its code (``ModelConfig`` in models/presets.py, ``ParallelConfig`` in
+parallel.py, ...). An entry point composes them into a root dataclass whose fields are those sections and calls
+:func:`load_config`. Unknown sections or keys are an error naming the file (or the override) and the key; values are
+checked against the field's type. The resolved configuration is written to the run directory with :func:`dump`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from typing import Any, Optional, Sequence, Type, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override names an unknown key or a value of the wrong type."""
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Checks/coerces ``value`` to annotation ``tp`` (int, float, str, bool, Optional, list, dict, dataclass)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if tp is Any:
+        return value
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: Type[T], values: dict, where: str) -> T:
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(types_))}")
+    kwargs = {k: _coerce(v, types_[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(args: Sequence[str]) -> dict:
+    """Turns ``["--model.num_layers=4", "--optim.lr", "1e-3"]`` into a nested dict; values parsed as YAML."""
+    out: dict = {}
+    items = list(args)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"override {arg!r}: expected --section.key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(items):
+                raise ConfigError(f"override {arg!r} has no value")
+            value = items[i + 1]
+            i += 1
+        node = out
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        i += 1
+    return out
+
+
+def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[str] = ()) -> T:
+    """Builds ``cls`` from its defaults, the YAML file at ``path`` and command-line overrides.
+
+    Args:
+        cls: root dataclass; its fields are the sections.
+        path: YAML file or None.
+        overrides: ``--section.key=value`` strings (or ``--section.key value`` pairs).
+
+    Raises:
+        ConfigError naming the file or override and the offending key.
+    """
+    values: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: invalid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        loaded.pop("_base_", None)
+        values = loaded
+    try:
+        base = _build(cls, values, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if overrides:
+        merged = _merge(to_dict(base), parse_overrides(overrides))
+        try:
+            base = _build(cls, merged, "")
+        except ConfigError as exc:
+            raise ConfigError(f"command-line override: {exc}") from None
+    validate = getattr(base, "validate", None)
+    if callable(validate):
+        validate()
+    return base
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg, exclude: Sequence[str] = ()) -> str:
+    """Stable short hash of a config (sections in ``exclude`` left out), for refusing to mix outputs on resume."""
+    d = to_dict(cfg)
+    for key in exclude:
+        d.pop(key, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def dump(cfg, path: str) -> None:
+    """Writes the resolved config as YAML, atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

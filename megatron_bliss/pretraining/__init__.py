@@ -1,0 +1,1 @@
+"""Target (and warm-up proxy) pretraining on megatron-core schedules, DDP and optimizers."""
