@@ -1,0 +1,194 @@
+"""Twice-differentiable reference losses on logits: per-sequence cross-entropy, KL(p_target ‖ p_proxy), weighting.
+
+These are the losses of BLISS's second-order path. megatron-core's vocab-parallel cross-entropy has a hand-written
+backward with in-place ops and is *not* twice differentiable (a double-backward HVP through it is silently wrong), so
+the bilevel code never passes ``labels=`` to a GPTModel and computes its losses here, from logits, with ops whose
+derivatives autograd knows to every order (``logsumexp``, ``gather``, sums).
+
+Conventions (one stored sequence = one training sample = one score):
+- ``tokens`` ``[b, s]`` are the stored sequence; the model sees all ``s`` tokens and the logits at position ``t``
+  predict token ``t + 1``. So there are ``s - 1`` predictions per sequence: ``logits[:, :-1]`` against
+  ``tokens[:, 1:]``.
+- ``loss_mask`` ``[b, s]`` is aligned with ``tokens``: ``loss_mask[i, t] = 1`` makes token ``t`` a prediction target
+  (scored from positions ``< t``). ``loss_mask[:, 0]`` is ignored (nothing predicts the first token).
+- A sequence's cross-entropy is the mean over its target tokens; a sequence with no target token gets 0.
+
+Tensor parallelism: every function takes ``tp_group``. With ``None`` or a group of one (TP=1) it is plain autograd and
+twice differentiable. With a larger group the logits are the rank's vocabulary shard ``[b, s, V/tp]`` (shard ``r``
+holds rows ``[r V/tp, (r+1) V/tp)``), reductions over the vocabulary go through :func:`_reduce_over_vocab` (forward
+all-reduce, backward identity: the conjugate pair of Megatron's TP mappings), and the result is replicated on every
+TP rank. That path is correct to *first* order, which is what the finite-difference HVP engine needs; its double
+backward is not claimed (use ``hvp_engine=finite_difference`` at TP>1).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _tp_size(tp_group) -> int:
+    if tp_group is None or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(tp_group)
+
+
+class _AllReduceSumIdentityBackward(torch.autograd.Function):
+    """Sum over the TP group in forward; identity in backward (the loss is replicated on every TP rank)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _reduce_over_vocab(tensor: torch.Tensor, tp_group) -> torch.Tensor:
+    """Sums a per-shard partial over the vocabulary-parallel group (no-op at TP=1)."""
+    if _tp_size(tp_group) == 1:
+        return tensor
+    return _AllReduceSumIdentityBackward.apply(tensor, tp_group)
+
+
+def logsumexp(logits: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """``log Σ_v exp(z_v)`` ``[...]`` over the (possibly vocabulary-sharded) last dimension, in at least fp32.
+
+    At TP>1 the result is replicated. Every loss below is written as ``logsumexp`` (replicated) plus a reduction of
+    shard-local *linear* terms, never as shard-local functions of a replicated reduction: with a forward-all-reduce /
+    backward-identity reduction, a replicated value consumed by shard-local ops would receive only its own shard's
+    share of the gradient.
+    """
+    logits = _upcast(logits)
+    if _tp_size(tp_group) == 1:
+        return torch.logsumexp(logits, dim=-1)
+    # the max is only a shift that cancels in logsumexp: detaching it changes no derivative
+    shift = logits.detach().amax(dim=-1, keepdim=True)
+    dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=tp_group)
+    sum_exp = _reduce_over_vocab((logits - shift).exp().sum(dim=-1), tp_group)
+    return sum_exp.log() + shift.squeeze(-1)
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def next_token_targets(tokens: torch.Tensor, loss_mask: Optional[torch.Tensor] = None):
+    """Labels ``[b, s-1]`` and float mask ``[b, s-1]`` for the ``s - 1`` next-token predictions of ``tokens``."""
+    labels = tokens[:, 1:]
+    if loss_mask is None:
+        mask = torch.ones(labels.shape, dtype=torch.float32, device=tokens.device)
+    else:
+        if loss_mask.shape != tokens.shape:
+            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} differs from tokens {tuple(tokens.shape)}")
+        mask = loss_mask[:, 1:].float()
+    return labels, mask
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """Per-token cross-entropy ``[b, n]`` of ``logits`` ``[b, n, V(/tp)]`` against ``labels`` ``[b, n]``:
+    ``logsumexp(z) - z_label``.
+
+    Twice differentiable at TP=1. At TP>1 the labels are global vocabulary ids and each rank holds one shard.
+    """
+    logits = _upcast(logits)
+    if _tp_size(tp_group) == 1:
+        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    else:
+        shard = logits.shape[-1]
+        local = labels - dist.get_rank(tp_group) * shard
+        in_shard = (local >= 0) & (local < shard)
+        picked = logits.gather(-1, local.clamp(0, shard - 1).unsqueeze(-1)).squeeze(-1) * in_shard
+        picked = _reduce_over_vocab(picked, tp_group)
+    return logsumexp(logits, tp_group) - picked
+
+
+def sequence_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
+                           tp_group=None) -> torch.Tensor:
+    """Per-sequence mean next-token cross-entropy ``[b]`` (CE_i of BLISS), optionally over masked targets only.
+
+    Args:
+        logits: ``[b, s, V(/tp)]`` logits of the model on ``tokens`` (position t predicts token t+1).
+        tokens: ``[b, s]`` int64 token ids.
+        loss_mask: optional ``[b, s]`` mask aligned with ``tokens`` (1 = token is a target).
+        tp_group: vocabulary-parallel group of the logits (None at TP=1).
+
+    Returns:
+        ``[b]`` mean CE of each sequence over its targets (0 for a sequence without targets).
+    """
+    labels, mask = next_token_targets(tokens, loss_mask)
+    per_token = token_cross_entropy(logits[:, :-1], labels, tp_group)
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+def masked_token_mean_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor,
+                                    tp_group=None) -> torch.Tensor:
+    """Scalar CE averaged over all target tokens of the batch (the validation objective F: every target token
+    counts once, so LAMBADA-style examples with longer continuations weigh more, as in a token-level average)."""
+    labels, mask = next_token_targets(tokens, loss_mask)
+    per_token = token_cross_entropy(logits[:, :-1], labels, tp_group)
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def token_kl_target_proxy(target_logits: torch.Tensor, proxy_logits: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """Per-position KL(p_target ‖ p_proxy) ``[b, n]``, summed over the vocabulary; the target is detached.
+
+    Written as ``Σ_v p_t,v (log p_t,v - z_v) + logsumexp(z)`` (Σ_v p_t,v = 1), so that at TP>1 only linear shard
+    terms are reduced.
+    """
+    with torch.no_grad():
+        target = _upcast(target_logits)
+        logp_target = target - logsumexp(target, tp_group).unsqueeze(-1)
+        p_target = logp_target.exp()
+    proxy = _upcast(proxy_logits)
+    partial = (p_target * (logp_target - proxy)).sum(dim=-1)
+    return _reduce_over_vocab(partial, tp_group) + logsumexp(proxy, tp_group)
+
+
+def kl_target_proxy(target_logits: torch.Tensor, proxy_logits: torch.Tensor,
+                    loss_mask: Optional[torch.Tensor] = None, tp_group=None, per_sequence: bool = False):
+    """KL(softmax(z_target) ‖ softmax(z_proxy)) summed over the vocabulary and averaged over predicted positions.
+
+    The positions are the ``s - 1`` next-token predictions (the same positions as the cross-entropy), so the KL and
+    the CE of a sequence weigh the same tokens.
+
+    Args:
+        target_logits: ``[b, s, V(/tp)]`` logits of the frozen target on the same input ids (detached here).
+        proxy_logits: ``[b, s, V(/tp)]`` proxy logits.
+        loss_mask: optional ``[b, s]`` mask aligned with the tokens (1 = position's prediction target counts).
+        tp_group: vocabulary-parallel group (None at TP=1).
+        per_sequence: return ``[b]`` per-sequence means instead of the batch mean.
+
+    Returns:
+        Scalar mean over all counted positions of the batch, or ``[b]`` with ``per_sequence``.
+    """
+    if target_logits.shape != proxy_logits.shape:
+        raise ValueError(f"target logits {tuple(target_logits.shape)} and proxy logits "
+                         f"{tuple(proxy_logits.shape)} differ: target and proxy must share tokenizer and padding")
+    per_pos = token_kl_target_proxy(target_logits[:, :-1], proxy_logits[:, :-1], tp_group)
+    if loss_mask is None:
+        return per_pos.mean(dim=1) if per_sequence else per_pos.mean()
+    mask = loss_mask[:, 1:].to(per_pos.dtype)
+    if per_sequence:
+        return (per_pos * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+    return (per_pos * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def weighted_sum(weights: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i · ℓ_i for ``[b]`` weights and ``[b]`` per-sample losses (weights in the losses' dtype)."""
+    if weights.shape != losses.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} and losses {tuple(losses.shape)} differ")
+    return (weights.to(losses.dtype) * losses).sum()
+
+
+def squared_norm(params) -> torch.Tensor:
+    """Σ_k ‖θ_k‖² over a list of tensors (the λ‖θp‖² regularizer without λ)."""
+    return sum((p * p).sum() for p in params)
