@@ -91,6 +91,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _build(cls: Type[T], values: dict, where: str) -> T:
     types_ = _field_types(cls)
+    defaults_hook = getattr(cls, "config_defaults", None)
+    if callable(defaults_hook):  # e.g. ModelConfig fills a preset's shape under the given keys
+        try:
+            values = {**defaults_hook(values), **values}
+        except ValueError as exc:
+            raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
     unknown = sorted(set(values) - set(types_))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(types_))}")
@@ -161,9 +167,9 @@ def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[st
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if overrides:
-        merged = _merge(to_dict(base), parse_overrides(overrides))
+        # merge raw values, not the resolved config, so derived defaults (e.g. ffn = 4h) follow the overrides
         try:
-            base = _build(cls, merged, "")
+            base = _build(cls, _merge(values, parse_overrides(overrides)), "")
         except ConfigError as exc:
             raise ConfigError(f"command-line override: {exc}") from None
     validate = getattr(base, "validate", None)

@@ -72,6 +72,17 @@ class ModelConfig:
         if self.attention_backend not in ("auto", "local", "sdpa", "te"):
             raise ValueError(f"model.attention_backend must be auto|local|sdpa|te, got {self.attention_backend!r}")
 
+    @classmethod
+    def config_defaults(cls, values: dict) -> dict:
+        """Config-file hook: ``preset: NAME`` starts from that preset's shape; keys given beside it win."""
+        name = values.get("preset")
+        if name is None:
+            return {}
+        base = dataclasses.asdict(get_preset(name))
+        if base["ffn_hidden_size"] == 4 * base["hidden_size"]:
+            base["ffn_hidden_size"] = None  # stays derived from hidden_size if that is overridden
+        return base
+
     def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
         """Vocabulary rows of the embedding and output layer for a tensor-parallel size."""
         unit = self.make_vocab_size_divisible_by * tensor_model_parallel_size
