@@ -5,12 +5,12 @@ backward with in-place ops and is *not* twice differentiable (a double-backward 
 the bilevel code never passes ``labels=`` to a GPTModel and computes its losses here, from logits, with ops whose
 derivatives autograd knows to every order (``logsumexp``, ``gather``, sums).
 
-Conventions (one stored sequence = one training sample = one score):
-- ``tokens`` ``[b, s]`` are the stored sequence; the model sees all ``s`` tokens and the logits at position ``t``
-  predict token ``t + 1``. So there are ``s - 1`` predictions per sequence: ``logits[:, :-1]`` against
-  ``tokens[:, 1:]``.
-- ``loss_mask`` ``[b, s]`` is aligned with ``tokens``: ``loss_mask[i, t] = 1`` makes token ``t`` a prediction target
-  (scored from positions ``< t``). ``loss_mask[:, 0]`` is ignored (nothing predicts the first token).
+Conventions (one stored sequence = one training sample = one score; the same split as the pretraining forward
+step):
+- A stored sequence ``seq`` ``[b, L]`` becomes model inputs ``seq[:, :-1]`` and labels ``seq[:, 1:]``
+  (:func:`split_next_token`); logits ``[b, L-1, V]`` are aligned with the labels (prediction t <-> label t).
+- A stored ``loss_mask`` ``[b, L]`` is aligned with ``seq`` (1 = that token is a prediction target) and becomes
+  ``loss_mask[:, 1:]``; the first token is never a target.
 - A sequence's cross-entropy is the mean over its target tokens; a sequence with no target token gets 0.
 
 Tensor parallelism: every function takes ``tp_group``. With ``None`` or a group of one (TP=1) it is plain autograd and
@@ -79,16 +79,21 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
-def next_token_targets(tokens: torch.Tensor, loss_mask: Optional[torch.Tensor] = None):
-    """Labels ``[b, s-1]`` and float mask ``[b, s-1]`` for the ``s - 1`` next-token predictions of ``tokens``."""
-    labels = tokens[:, 1:]
-    if loss_mask is None:
-        mask = torch.ones(labels.shape, dtype=torch.float32, device=tokens.device)
-    else:
-        if loss_mask.shape != tokens.shape:
-            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} differs from tokens {tuple(tokens.shape)}")
-        mask = loss_mask[:, 1:].float()
-    return labels, mask
+def split_next_token(sequences: torch.Tensor, loss_mask: Optional[torch.Tensor] = None):
+    """``(inputs [b, L-1], labels [b, L-1], mask [b, L-1] or None)`` of stored sequences ``[b, L]``."""
+    if loss_mask is not None and loss_mask.shape != sequences.shape:
+        raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} differs from tokens {tuple(sequences.shape)}")
+    mask = None if loss_mask is None else loss_mask[:, 1:]
+    return sequences[:, :-1], sequences[:, 1:], mask
+
+
+def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor], dim=None) -> torch.Tensor:
+    if mask is None:
+        return values.mean() if dim is None else values.mean(dim=dim)
+    mask = mask.to(values.dtype)
+    total = (values * mask).sum() if dim is None else (values * mask).sum(dim=dim)
+    count = mask.sum() if dim is None else mask.sum(dim=dim)
+    return total / count.clamp_min(1.0)
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group=None) -> torch.Tensor:
@@ -109,33 +114,27 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group=Non
     return logsumexp(logits, tp_group) - picked
 
 
-def sequence_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
+def sequence_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
                            tp_group=None) -> torch.Tensor:
     """Per-sequence mean next-token cross-entropy ``[b]`` (CE_i of BLISS), optionally over masked targets only.
 
     Args:
-        logits: ``[b, s, V(/tp)]`` logits of the model on ``tokens`` (position t predicts token t+1).
-        tokens: ``[b, s]`` int64 token ids.
-        loss_mask: optional ``[b, s]`` mask aligned with ``tokens`` (1 = token is a target).
+        logits: ``[b, n, V(/tp)]`` logits aligned with ``labels``.
+        labels: ``[b, n]`` int64 target ids.
+        loss_mask: optional ``[b, n]`` mask aligned with ``labels`` (1 = target counts).
         tp_group: vocabulary-parallel group of the logits (None at TP=1).
 
     Returns:
         ``[b]`` mean CE of each sequence over its targets (0 for a sequence without targets).
     """
-    labels, mask = next_token_targets(tokens, loss_mask)
-    per_token = token_cross_entropy(logits[:, :-1], labels, tp_group)
-    mask = mask.to(per_token.dtype)
-    return (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+    return _masked_mean(token_cross_entropy(logits, labels, tp_group), loss_mask, dim=1)
 
 
-def masked_token_mean_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor,
-                                    tp_group=None) -> torch.Tensor:
+def token_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
+                             tp_group=None) -> torch.Tensor:
     """Scalar CE averaged over all target tokens of the batch (the validation objective F: every target token
-    counts once, so LAMBADA-style examples with longer continuations weigh more, as in a token-level average)."""
-    labels, mask = next_token_targets(tokens, loss_mask)
-    per_token = token_cross_entropy(logits[:, :-1], labels, tp_group)
-    mask = mask.to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+    counts once, so examples with longer continuations weigh more, as in a token-level average)."""
+    return _masked_mean(token_cross_entropy(logits, labels, tp_group), loss_mask)
 
 
 def token_kl_target_proxy(target_logits: torch.Tensor, proxy_logits: torch.Tensor, tp_group=None) -> torch.Tensor:
@@ -155,15 +154,12 @@ def token_kl_target_proxy(target_logits: torch.Tensor, proxy_logits: torch.Tenso
 
 def kl_target_proxy(target_logits: torch.Tensor, proxy_logits: torch.Tensor,
                     loss_mask: Optional[torch.Tensor] = None, tp_group=None, per_sequence: bool = False):
-    """KL(softmax(z_target) ‖ softmax(z_proxy)) summed over the vocabulary and averaged over predicted positions.
-
-    The positions are the ``s - 1`` next-token predictions (the same positions as the cross-entropy), so the KL and
-    the CE of a sequence weigh the same tokens.
+    """KL(softmax(z_target) ‖ softmax(z_proxy)) summed over the vocabulary and averaged over positions.
 
     Args:
-        target_logits: ``[b, s, V(/tp)]`` logits of the frozen target on the same input ids (detached here).
-        proxy_logits: ``[b, s, V(/tp)]`` proxy logits.
-        loss_mask: optional ``[b, s]`` mask aligned with the tokens (1 = position's prediction target counts).
+        target_logits: ``[b, n, V(/tp)]`` logits of the frozen target on the proxy's input ids (detached here).
+        proxy_logits: ``[b, n, V(/tp)]`` proxy logits.
+        loss_mask: optional ``[b, n]`` mask of the positions that count.
         tp_group: vocabulary-parallel group (None at TP=1).
         per_sequence: return ``[b]`` per-sequence means instead of the batch mean.
 
@@ -173,13 +169,8 @@ def kl_target_proxy(target_logits: torch.Tensor, proxy_logits: torch.Tensor,
     if target_logits.shape != proxy_logits.shape:
         raise ValueError(f"target logits {tuple(target_logits.shape)} and proxy logits "
                          f"{tuple(proxy_logits.shape)} differ: target and proxy must share tokenizer and padding")
-    per_pos = token_kl_target_proxy(target_logits[:, :-1], proxy_logits[:, :-1], tp_group)
-    if loss_mask is None:
-        return per_pos.mean(dim=1) if per_sequence else per_pos.mean()
-    mask = loss_mask[:, 1:].to(per_pos.dtype)
-    if per_sequence:
-        return (per_pos * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
-    return (per_pos * mask).sum() / mask.sum().clamp_min(1.0)
+    per_pos = token_kl_target_proxy(target_logits, proxy_logits, tp_group)
+    return _masked_mean(per_pos, loss_mask, dim=1 if per_sequence else None)
 
 
 def weighted_sum(weights: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:

@@ -12,53 +12,65 @@ from megatron_bliss.ops import reference as ref
 torch.manual_seed(0)
 
 
-def _batch(b=3, s=6, v=11, dtype=torch.float64):
-    logits = torch.randn(b, s, v, dtype=dtype, requires_grad=True)
-    tokens = torch.randint(0, v, (b, s))
-    return logits, tokens
+def _batch(b=3, n=6, v=11, dtype=torch.float64):
+    logits = torch.randn(b, n, v, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, v, (b, n))
+    return logits, labels
+
+
+def test_split_next_token():
+    seq = torch.arange(10).view(2, 5)
+    mask = torch.tensor([[0, 0, 0, 1, 1], [1, 0, 1, 0, 1]])
+    inputs, labels, m = ref.split_next_token(seq, mask)
+    assert inputs.tolist() == [[0, 1, 2, 3], [5, 6, 7, 8]] and labels.tolist() == [[1, 2, 3, 4], [6, 7, 8, 9]]
+    assert m.tolist() == [[0, 0, 1, 1], [0, 1, 0, 1]]
+    with pytest.raises(ValueError, match="loss_mask"):
+        ref.split_next_token(seq, mask[:, :4])
 
 
 def test_sequence_cross_entropy_matches_torch():
-    logits, tokens = _batch()
-    ce = ref.sequence_cross_entropy(logits, tokens)
-    expected = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none").mean(dim=1)
+    logits, labels = _batch()
+    ce = ref.sequence_cross_entropy(logits, labels)
+    expected = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(dim=1)
     torch.testing.assert_close(ce, expected)
 
 
 def test_masked_cross_entropy_counts_only_targets():
-    logits, tokens = _batch()
-    mask = torch.zeros_like(tokens)
+    logits, labels = _batch()
+    mask = torch.zeros_like(labels)
     mask[0, -2:] = 1
-    mask[1, 0] = 1  # position 0 is never a target: sequence 1 has none and gets 0
-    ce = ref.sequence_cross_entropy(logits, tokens, mask)
-    per_tok = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+    mask[2, 1] = 1
+    ce = ref.sequence_cross_entropy(logits, labels, mask)
+    per_tok = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
     torch.testing.assert_close(ce[0], per_tok[0, -2:].mean())
-    assert ce[1] == 0 and ce[2] == 0
-    torch.testing.assert_close(ref.masked_token_mean_cross_entropy(logits, tokens, mask), per_tok[0, -2:].mean())
+    assert ce[1] == 0  # no target: 0, not NaN
+    torch.testing.assert_close(ref.token_mean_cross_entropy(logits, labels, mask),
+                               (per_tok[0, -2:].sum() + per_tok[2, 1]) / 3)
 
 
 def test_kl_matches_torch_kl_div_and_direction():
-    _, _ = _batch()
     target = torch.randn(3, 6, 11, dtype=torch.float64)
     proxy = torch.randn(3, 6, 11, dtype=torch.float64, requires_grad=True)
     kl = ref.kl_target_proxy(target, proxy)
     # F.kl_div(input=log q, target=log p, log_target) = Σ p (log p - log q): KL(p_target ‖ q_proxy)
-    expected = F.kl_div(F.log_softmax(proxy[:, :-1], -1), F.log_softmax(target[:, :-1], -1), log_target=True,
+    expected = F.kl_div(F.log_softmax(proxy, -1), F.log_softmax(target, -1), log_target=True,
                         reduction="none").sum(-1).mean()
     torch.testing.assert_close(kl, expected)
     assert ref.kl_target_proxy(proxy.detach(), proxy.detach()).abs() < 1e-12
-    per_seq = ref.kl_target_proxy(target, proxy, per_sequence=True)
-    torch.testing.assert_close(per_seq.mean(), kl)
+    torch.testing.assert_close(ref.kl_target_proxy(target, proxy, per_sequence=True).mean(), kl)
+    grad, = torch.autograd.grad(kl, proxy)
+    # d KL / d z_proxy = (softmax(z_proxy) - softmax(z_target)) / positions
+    torch.testing.assert_close(grad, (proxy.softmax(-1) - target.softmax(-1)).detach() / 18)
 
 
 def test_twice_differentiable():
-    logits, tokens = _batch(2, 4, 5)
+    logits, labels = _batch(2, 4, 5)
     mask = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1]])
     target = torch.randn(2, 4, 5, dtype=torch.float64)
     w = torch.rand(2, dtype=torch.float64)
 
     def f(z):
-        return ref.weighted_sum(w, ref.sequence_cross_entropy(z, tokens, mask)) + 0.3 * ref.kl_target_proxy(target, z)
+        return ref.weighted_sum(w, ref.sequence_cross_entropy(z, labels, mask)) + 0.3 * ref.kl_target_proxy(target, z)
 
     assert torch.autograd.gradcheck(f, (logits,))
     assert torch.autograd.gradgradcheck(f, (logits,))
@@ -74,9 +86,7 @@ def test_weighted_sum_and_norm():
 
 
 def test_shape_errors():
-    logits, tokens = _batch()
-    with pytest.raises(ValueError, match="loss_mask"):
-        ref.sequence_cross_entropy(logits, tokens, torch.ones(3, 5))
+    logits, _ = _batch()
     with pytest.raises(ValueError, match="tokenizer"):
         ref.kl_target_proxy(torch.randn(3, 6, 12), logits)
 
@@ -89,9 +99,9 @@ r, n = dist.get_rank(), dist.get_world_size()
 g = torch.Generator().manual_seed(0)
 logits = torch.randn(2, 5, 8, dtype=torch.float64, generator=g)
 target = torch.randn(2, 5, 8, dtype=torch.float64, generator=g)
-tokens = torch.randint(0, 8, (2, 5), generator=g)
+labels = torch.randint(0, 8, (2, 5), generator=g)
 def loss(z, t, group):
-    return (ref.sequence_cross_entropy(z, tokens, tp_group=group) * torch.tensor([0.3, 0.7], dtype=z.dtype)).sum() \
+    return (ref.sequence_cross_entropy(z, labels, tp_group=group) * torch.tensor([0.3, 0.7], dtype=z.dtype)).sum() \
         + 0.5 * ref.kl_target_proxy(t, z, tp_group=group)
 full = logits.clone().requires_grad_(True)
 ref_loss = loss(full, target, None); ref_loss.backward()
