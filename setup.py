@@ -38,9 +38,12 @@ def extension_modules():
         return [], {}
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    extra = {"cxx": ["-O3", "-std=c++17"]}
+    # No -std flag: torch.utils.cpp_extension passes the standard the installed torch's headers need (C++20 for
+    # torch 2.13; an explicit -std=c++17 makes those headers warn). No --use_fast_math: the CUDA kernels must round
+    # like the CPU ones (no flush-to-zero, IEEE division and sqrt) so that tests can compare the two.
+    extra = {"cxx": ["-O3"]}
     if use_cuda:
-        extra["nvcc"] = ["-O3", "--use_fast_math"]
+        extra["nvcc"] = ["-O3"]
         ext = cpp_extension.CUDAExtension(
             "megatron_bliss._C", sources + cuda_sources, define_macros=[("WITH_CUDA", None)],
             extra_compile_args=extra)
