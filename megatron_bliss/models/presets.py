@@ -169,13 +169,14 @@ def preset_num_parameters(name: str) -> int:
     return num_parameters(get_preset(name))
 
 
-def model_flops_per_token(cfg: ModelConfig, seq_length: Optional[int] = None) -> float:
+def model_flops_per_token(cfg: ModelConfig, seq_length: Optional[int] = None, *, output_layer: bool = True) -> float:
     """Training FLOPs per token (forward + backward, 3x forward), counting matmuls and attention scores.
 
-    6 x (non-embedding matmul parameters + output layer) + 6 x 2 x layers x seq x h for attention (QK^T and AV).
+    6 x (non-embedding matmul parameters + output layer) + 6 x 2 x layers x seq x h for attention (QK^T and AV),
+    the attention term counted without causal savings as is customary for MFU. A forward alone is a third of it.
     """
     h, f, s = cfg.hidden_size, cfg.ffn_hidden_size, seq_length or cfg.seq_length
-    matmul_params = cfg.num_layers * (4 * h * h + 2 * h * f) + cfg.padded_vocab_size() * h
+    matmul_params = cfg.num_layers * (4 * h * h + 2 * h * f) + (cfg.padded_vocab_size() * h if output_layer else 0)
     return 6.0 * matmul_params + 12.0 * cfg.num_layers * s * h
 
 

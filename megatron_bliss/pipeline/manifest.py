@@ -1,0 +1,121 @@
+"""Resumable record of a BLISS run: which (round, phase) pairs finished, with what inputs, outputs and checksums.
+
+``manifest.json`` in the run directory holds the config hash the run was started with and one entry per finished
+phase. A rerun skips finished phases, refuses to continue a run whose config changed (unless forced), and
+re-validates the recorded outputs' checksums before trusting them. Only rank 0 writes; the file is replaced
+atomically, so a kill at any instant leaves either the old or the new manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Iterable, Optional
+
+
+class ManifestError(RuntimeError):
+    """The run directory belongs to another configuration, or a recorded output is missing or changed."""
+
+
+DIRECTORY_CONTENT_LIMIT = 1 << 20
+"""Files in a directory (a checkpoint) larger than this are fingerprinted by name and size, not content."""
+
+
+def path_checksum(path: str) -> str:
+    """sha256 of a file; for a directory, of its file names, sizes and small files' contents; '' when absent.
+
+    Checkpoint directories of billion-parameter models would take minutes to hash whole; their tensor files are
+    fingerprinted by size, their metadata by content.
+    """
+    h = hashlib.sha256()
+    if os.path.isfile(path):
+        files, root, whole = [path], os.path.dirname(path), True
+    elif os.path.isdir(path):
+        root, whole = path, False
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+    else:
+        return ""
+    for name in files:
+        size = os.path.getsize(name)
+        h.update(f"{os.path.relpath(name, root)}:{size}".encode())
+        if whole or size <= DIRECTORY_CONTENT_LIMIT:
+            with open(name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def phase_key(round_index: int, phase: str) -> str:
+    """Manifest key of a phase, e.g. ``round1/bilevel``."""
+    return f"round{round_index}/{phase}"
+
+
+class Manifest:
+    """The manifest of one run directory.
+
+    Args:
+        run_dir: the run's directory.
+        config_hash: hash of the configuration that decides outputs.
+        force: accept a stored manifest with another config hash (its finished phases are kept).
+        writer: whether this process writes (rank 0); others only read.
+    """
+
+    def __init__(self, run_dir: str, config_hash: str, *, force: bool = False, writer: bool = True):
+        self.path = os.path.join(run_dir, "manifest.json")
+        self.writer = writer
+        self.data = {"config_hash": config_hash, "created": time.time(), "phases": {}}
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                stored = json.load(f)
+            if stored.get("config_hash") != config_hash and not force:
+                raise ManifestError(
+                    f"{run_dir} was started with another configuration (hash {stored.get('config_hash')}, now "
+                    f"{config_hash}); use a new run directory, or pass --force to resume it anyway")
+            if stored.get("config_hash") != config_hash:
+                stored.setdefault("forced_from", []).append(stored.get("config_hash"))
+                stored["config_hash"] = config_hash
+            self.data = stored
+        elif writer:
+            os.makedirs(run_dir, exist_ok=True)
+            self._write()
+
+    def _write(self) -> None:
+        if not self.writer:
+            return
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+    def is_done(self, key: str, verify: bool = True) -> bool:
+        """True when ``key`` finished and (with ``verify``) its recorded outputs still have their checksums."""
+        entry = self.data["phases"].get(key)
+        if entry is None:
+            return False
+        if verify:
+            for out_path, digest in entry.get("outputs", {}).items():
+                if path_checksum(out_path) != digest:
+                    raise ManifestError(f"output {out_path} of finished phase {key} is missing or was modified; "
+                                        f"remove the phase from {self.path} to redo it")
+        return True
+
+    def entry(self, key: str) -> Optional[dict]:
+        """The record of a finished phase, or None."""
+        return self.data["phases"].get(key)
+
+    def mark_done(self, key: str, *, inputs: Iterable[str] = (), outputs: Iterable[str] = (),
+                  info: Optional[dict] = None) -> None:
+        """Records ``key`` as finished with the checksums of its inputs and outputs and free-form ``info``."""
+        self.data["phases"][key] = {
+            "finished": time.time(),
+            "inputs": {p: path_checksum(p) for p in inputs},
+            "outputs": {p: path_checksum(p) for p in outputs},
+            "info": info or {},
+        }
+        self._write()
+
+    def finished_keys(self) -> list:
+        """Finished phase keys in completion order."""
+        return sorted(self.data["phases"], key=lambda k: self.data["phases"][k]["finished"])
