@@ -1,0 +1,262 @@
+"""C4 (or the DsDm pool) -> Megatron indexed shards + manifest: the pipeline behind ``tools/preprocess_c4.py``.
+
+This module owns the two stages and the manifest:
+
+1. every input file becomes a resumable *part* (:mod:`megatron_bliss.data.parts`), tokenized by worker processes;
+2. the parts, in input order, are dealt round-robin into ``--shards`` disjoint outputs. In ``sequences`` mode the
+   documents (EOD appended) form one token stream cut into sequences of exactly ``seq_length`` tokens, and stored
+   sequence ``g`` goes to shard ``g % shards`` (see :mod:`megatron_bliss.data.sequences` for why a sequence is
+   ``seq_length`` tokens); the trailing remainder shorter than a sequence is dropped and counted. In ``documents``
+   mode document ``d`` goes to shard ``d % shards``, one entry per document, as megatron-core's ``GPTDataset`` wants.
+
+Outputs are ``PREFIX.bin/.idx`` for one shard, else ``PREFIX_shard{K}.bin/.idx``, then ``PREFIX.manifest.json``,
+each written under a temporary name and renamed when complete (the manifest last). A rerun with the same settings
+finds the manifest and does nothing; after a kill it reuses every finished part. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+
+import numpy as np
+
+from megatron_bliss.data.config import DataConfig
+from megatron_bliss.data.indexed import IndexedWriter, data_paths, dtype_for_vocab, exists, replace_atomic
+from megatron_bliss.data.parts import Part, import_parquet_file, load_part, part_name, tokenize_json_files
+from megatron_bliss.data.sources import SKIP_REASONS, expand_inputs, input_kind, new_skip_counts
+
+logger = logging.getLogger(__name__)
+MANIFEST_FORMAT = "megatron_bliss.indexed/1"
+_BLOCK = 1 << 16  # sequences (or documents) moved per step when writing shards
+
+
+def shard_prefixes(output_prefix: str, shards: int) -> list[str]:
+    """Output prefixes: ``[PREFIX]`` for one shard, else ``[PREFIX_shard0, ...]``."""
+    return [output_prefix] if shards == 1 else [f"{output_prefix}_shard{k}" for k in range(shards)]
+
+
+def manifest_path(output_prefix: str) -> str:
+    """Path of the manifest of an output prefix."""
+    return output_prefix + ".manifest.json"
+
+
+def load_manifest(output_prefix: str) -> dict:
+    """Reads ``PREFIX.manifest.json``; raises ``FileNotFoundError`` naming it if missing."""
+    with open(manifest_path(output_prefix)) as f:
+        return json.load(f)
+
+
+class _Progress:
+    """tqdm over input bytes, with docs/s in the postfix; a no-op when disabled."""
+
+    def __init__(self, total_bytes: int, enabled: bool) -> None:
+        self.docs, self._start, self._bar = 0, time.perf_counter(), None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", mininterval=0.5,
+                             smoothing=0.1)
+
+    def update(self, nbytes: int) -> None:
+        if self._bar is not None:
+            self._bar.update(nbytes)
+            self._bar.set_postfix_str(f"{self.docs / max(time.perf_counter() - self._start, 1e-9):,.0f} docs/s",
+                                      refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _settings(cfg: DataConfig, tokenizer_sha: str | None, dtype: np.dtype, parquet: bool) -> dict:
+    """What a part depends on (a part made with other settings is redone)."""
+    return {"tokenizer_sha256": tokenizer_sha, "json_key": cfg.json_key, "append_eod": cfg.append_eod,
+            "dtype": dtype.name, "eod_token": cfg.eod_token, "parquet_column": cfg.parquet_column,
+            "mode": cfg.mode if parquet else None, "seq_length": cfg.seq_length if parquet else None}
+
+
+def _part_paths(parts_dir: str, part: Part) -> tuple[str, str]:
+    base = os.path.join(parts_dir, part_name(part.input))
+    return base + ".bin", base + ".len"
+
+
+def write_shards(parts: list[Part], parts_dir: str, cfg: DataConfig, dtype: np.dtype) -> dict:
+    """Deals the parts' documents or sequences round-robin into ``cfg.shards`` indexed datasets.
+
+    Returns:
+        ``{"shards": [{"prefix", "sequences", "tokens"}...], "dropped_tail_tokens": n}``.
+    """
+    prefixes = shard_prefixes(cfg.output_prefix, cfg.shards)
+    writers = [IndexedWriter(p, dtype) for p in prefixes]
+    n, length, carry, index = cfg.shards, cfg.seq_length, np.zeros(0, dtype), 0
+    try:
+        for part in parts:
+            bin_path, len_path = _part_paths(parts_dir, part)
+            tokens = np.memmap(bin_path, dtype, "r") if part.tokens else np.zeros(0, dtype)
+            if cfg.mode == "sequences":
+                for start in range(0, tokens.size, _BLOCK * length):
+                    buf = np.concatenate((carry, tokens[start:start + _BLOCK * length]))
+                    m = buf.size // length
+                    rows, carry = buf[:m * length].reshape(m, length), buf[m * length:].copy()
+                    for k in range(n):
+                        if (sel := rows[(k - index) % n::n]).shape[0]:
+                            writers[k].add_fixed(sel)
+                    index += m
+            else:
+                lengths = np.fromfile(len_path, np.int32)
+                offset = 0
+                for start in range(0, lengths.size, _BLOCK):
+                    block_len = lengths[start:start + _BLOCK]
+                    block_tok = tokens[offset:offset + int(block_len.sum(dtype=np.int64))]
+                    offset += block_tok.size
+                    if n == 1:
+                        writers[0].add(block_tok, block_len)
+                    else:
+                        doc_shard = (index + np.arange(block_len.size)) % n
+                        tok_shard = np.repeat(doc_shard, block_len)
+                        for k in range(n):
+                            writers[k].add(block_tok[tok_shard == k], block_len[doc_shard == k])
+                    index += block_len.size
+            del tokens
+        shards = []
+        for prefix, writer in zip(prefixes, writers):
+            sequences, tokens_written = writer.finalize()
+            if not sequences:
+                logger.warning("%s: shard is empty (fewer sequences than shards)", prefix)
+            shards.append({"prefix": os.path.basename(prefix), "sequences": sequences, "tokens": tokens_written})
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    return {"shards": shards, "dropped_tail_tokens": int(carry.size) if cfg.mode == "sequences" else 0}
+
+
+def _fingerprint(cfg: DataConfig, files: list[str]) -> dict:
+    """The settings that determine the output bytes (a manifest with another fingerprint is redone)."""
+    skip = {"workers", "progress", "keep_parts", "chunk_bytes", "input", "output_prefix"}
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in skip}
+    inputs = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+    return {"settings": settings, "inputs": inputs}
+
+
+def preprocess(cfg: DataConfig) -> dict:
+    """Runs the whole preprocessing: inputs -> parts -> shards -> manifest.
+
+    Args:
+        cfg: the settings (see :class:`~megatron_bliss.data.config.DataConfig`).
+
+    Returns:
+        The manifest (also written to ``PREFIX.manifest.json``).
+
+    Raises:
+        DataFormatError: strict mode, first bad line (``file:line``); or unusable parquet rows.
+        FileNotFoundError / ValueError: bad inputs or settings, naming them.
+    """
+    from megatron_bliss.data.tokenizer import build_tokenizer, tokenizer_info
+
+    t_start = time.perf_counter()
+    if not cfg.output_prefix:
+        raise ValueError("--output-prefix is required")
+    files = expand_inputs(cfg.input)
+    kinds = {input_kind(f) for f in files}
+    if len(kinds) > 1:
+        raise ValueError("inputs mix JSON lines and parquet; preprocess them into separate prefixes")
+    parquet = kinds == {"parquet"}
+    tokenizer = build_tokenizer(cfg.tokenizer_model, cfg.eod_token) if cfg.tokenizer_model else None
+    if tokenizer is None and not parquet:
+        raise ValueError("--tokenizer-model is required for JSON-lines input")
+    tok = tokenizer_info(tokenizer) if tokenizer else None
+    vocab = tok["vocab_size"] if tok else cfg.vocab_size
+    dtype = np.dtype(dtype_for_vocab(vocab))
+    prefixes = shard_prefixes(cfg.output_prefix, cfg.shards)
+    fingerprint = _fingerprint(cfg, files)
+    if os.path.exists(manifest_path(cfg.output_prefix)) and all(exists(p) for p in prefixes):
+        manifest = load_manifest(cfg.output_prefix)
+        if manifest.get("fingerprint") == fingerprint:
+            logger.info("%s: already complete with these settings; nothing to do", manifest_path(cfg.output_prefix))
+            return manifest
+        logger.warning("%s exists with other settings or inputs: redoing it", manifest_path(cfg.output_prefix))
+    parts_dir = cfg.output_prefix + ".parts"
+    settings = _settings(cfg, tok["sha256"] if tok else None, dtype, parquet)
+    parts: dict[str, Part] = {}
+    for path in files:
+        if (part := load_part(parts_dir, path, settings)) is not None:
+            parts[path] = part
+    todo = [f for f in files if f not in parts]
+    if parts:
+        logger.info("resuming: %d of %d inputs already tokenized", len(parts), len(files))
+    progress = _Progress(sum(os.path.getsize(f) for f in todo), cfg.progress and bool(todo))
+    t_tok = time.perf_counter()
+    try:
+        if parquet:
+            for path in todo:
+                parts[path] = import_parquet_file(path, parts_dir, settings, cfg, dtype, progress)
+        elif todo:
+            for part in tokenize_json_files(todo, parts_dir, settings, cfg, dtype, progress):
+                parts[part.input] = part
+    finally:
+        progress.close()
+    t_tok = time.perf_counter() - t_tok
+    ordered = [parts[f] for f in files]
+    written = write_shards(ordered, parts_dir, cfg, dtype)
+    manifest = _manifest(cfg, ordered, written, tok, vocab, dtype, fingerprint)
+    manifest["run"] = {"workers": cfg.workers, "seconds": round(time.perf_counter() - t_start, 3),
+                       "tokenize_seconds": round(t_tok, 3), "inputs_tokenized": len(todo)}
+    tmp = manifest_path(cfg.output_prefix) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    replace_atomic(tmp, manifest_path(cfg.output_prefix))
+    if not cfg.keep_parts:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    _log_summary(manifest)
+    return manifest
+
+
+def _manifest(cfg: DataConfig, parts: list[Part], written: dict, tok: dict | None, vocab: int | None,
+              dtype: np.dtype, fingerprint: dict) -> dict:
+    skipped = new_skip_counts()
+    for part in parts:
+        for reason, count in part.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    return {
+        "format": MANIFEST_FORMAT,
+        "mode": cfg.mode,
+        "seq_length": cfg.seq_length,
+        "tokens_per_sequence": cfg.seq_length if cfg.mode == "sequences" else None,
+        "dtype": dtype.name,
+        "vocab_size": vocab,
+        "tokenizer": tok,
+        "shards": written["shards"],
+        "counts": {
+            "documents": sum(p.documents for p in parts),
+            "sequences": sum(s["sequences"] for s in written["shards"]),
+            "tokens": sum(s["tokens"] for s in written["shards"]),
+            "tokenized_tokens": sum(p.tokens for p in parts),
+            "dropped_tail_tokens": written["dropped_tail_tokens"],
+            "input_lines": sum(p.lines for p in parts),
+        },
+        "skipped": skipped,
+        "inputs": [{"path": p.input, "bytes": p.size, "sha256": p.sha256, "documents": p.documents,
+                    "lines": p.lines, "skipped": {k: v for k, v in p.skipped.items() if v},
+                    "truncated": p.truncated} for p in parts],
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("progress",)},
+        "fingerprint": fingerprint,
+    }
+
+
+def _log_summary(manifest: dict) -> None:
+    counts, skipped = manifest["counts"], {k: v for k, v in manifest["skipped"].items() if v}
+    seconds = manifest["run"]["seconds"]
+    logger.info("%d documents -> %d %s entries, %d tokens in %d shard(s); dropped tail %d tokens; %.1f s "
+                "(%.0f docs/s)", counts["documents"], counts["sequences"], manifest["mode"], counts["tokens"],
+                len(manifest["shards"]), counts["dropped_tail_tokens"], seconds,
+                counts["documents"] / max(seconds, 1e-9))
+    logger.info("skipped lines: %s", ", ".join(f"{k}={v}" for k, v in skipped.items()) if skipped else "none")
+
+
+__all__ = ["preprocess", "write_shards", "shard_prefixes", "manifest_path", "load_manifest", "SKIP_REASONS",
+           "data_paths"]
