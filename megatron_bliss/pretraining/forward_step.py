@@ -41,3 +41,24 @@ def split_sequences(sequences: torch.Tensor, loss_mask: torch.Tensor | None = No
     if loss_mask is not None:
         batch["loss_mask"] = loss_mask[:, 1:].contiguous()
     return batch
+
+
+def _masked_sum_loss(loss_mask, output_tensor):
+    losses = output_tensor.float()
+    mask = torch.ones_like(losses) if loss_mask is None else loss_mask.float()
+    total, count = (losses * mask).sum(), mask.sum()
+    loss = total / count.clamp_min(1.0)
+    return loss, {"lm_loss": loss.detach().clone(), "lm_loss_sum": total.detach(), "lm_tokens": count.detach()}
+
+
+def lm_eval_forward_step(data_iterator, model):
+    """As :func:`lm_forward_step`, but the loss record also carries the masked loss sum and token count.
+
+    Validation sets mix examples with different numbers of target tokens; summing ``lm_loss_sum`` and
+    ``lm_tokens`` over micro-batches and ranks gives the token-weighted mean loss.
+    """
+    batch = next(data_iterator)
+    tokens, labels = batch["tokens"], batch["labels"]
+    b, s = tokens.shape
+    output = model(tokens, position_ids(b, s, tokens.device), causal_attention_mask(s, tokens.device), labels=labels)
+    return output, partial(_masked_sum_loss, batch.get("loss_mask"))

@@ -1,0 +1,44 @@
+"""Target pretraining entry point.
+
+    torchrun --nproc-per-node 8 -m megatron_bliss.pretrain --config examples/configs/pythia_1b.yaml \
+        [--section.key=value ...]
+
+One process per accelerator (one per CPU process with gloo). Parse the layered config, build the trainer, train,
+tear down. ``megatron-bliss-pretrain`` is the same command as a console script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs one pretraining job; returns the process exit code."""
+    from megatron_bliss import parallel
+    from megatron_bliss.config import ConfigError, load_config
+    from megatron_bliss.log import setup_logging
+    from megatron_bliss.pretraining.config import PretrainRunConfig
+
+    parser = argparse.ArgumentParser(prog="megatron-bliss-pretrain", description=__doc__.split("\n\n")[0],
+                                     epilog="Any config field can be overridden as --section.key=value.")
+    parser.add_argument("--config", help="YAML file layered over the defaults")
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(PretrainRunConfig, args.config, rest)
+    except (ConfigError, ValueError) as exc:
+        parser.error(str(exc))
+    setup_logging(cfg.logging.level)
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
+    from megatron_bliss.pretraining.trainer import PretrainTrainer
+
+    trainer = PretrainTrainer(cfg)
+    trainer.train()
+    parallel.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

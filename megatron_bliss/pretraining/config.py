@@ -1,0 +1,240 @@
+"""Configuration of target pretraining: one dataclass per concern, composed by :class:`PretrainRunConfig`.
+
+Sections (each a YAML mapping and a ``--section.key=value`` prefix): ``model`` (:class:`ModelConfig`, ``preset:``
+fills the shape), ``parallel`` (:class:`ParallelConfig`), ``data`` (:class:`PretrainDataConfig`), ``train``,
+``optim``, ``schedule`` (:class:`ScheduleConfig`), ``checkpoint``, ``branch`` and ``logging``. Checks within one
+section run in its ``__post_init__``; checks across sections (heads vs tensor-parallel size, batch sizes vs
+data-parallel size, stored sequence length vs model) run in :meth:`PretrainRunConfig.validate`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_bliss.models.presets import ModelConfig
+from megatron_bliss.parallel import ParallelConfig
+from megatron_bliss.pretraining.data import PretrainDataConfig
+from megatron_bliss.pretraining.schedule import ScheduleConfig
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """Batch sizes, length of the run, numerics and validation cadence."""
+
+    micro_batch_size: int = 4
+    """Sequences per micro-batch (per data-parallel rank per forward/backward)."""
+    global_batch_size: int = 512
+    """Sequences per optimizer step over all data-parallel ranks; the rest is gradient accumulation."""
+    train_steps: int = 10000
+    """Optimizer steps of the run (the step counter continues across resumes)."""
+    precision: str = "auto"
+    """'bf16' (bf16 weights and activations, fp32 main params and grads), 'fp32', or 'auto' (bf16 on CUDA)."""
+    eval_interval: Optional[int] = 1000
+    """Validation loss every this many steps (and at the end); None disables validation."""
+    eval_batches: Optional[int] = None
+    """Global batches of the validation set per evaluation; None evaluates all of it."""
+    recompute_activations: bool = False
+    """Full activation recomputation (saves memory at about a third more compute)."""
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "global_batch_size", "train_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.eval_interval is not None and self.eval_interval < 1:
+            raise ValueError(f"train.eval_interval must be >= 1 or null, got {self.eval_interval}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW through megatron-core's ``get_megatron_optimizer`` (BLISS/MATES target recipe by default)."""
+
+    lr: float = 1e-3
+    """Peak learning rate (before schedule.lr_multiplier)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold; 0 disables clipping."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state and fp32 main params over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass."""
+    overlap_param_gather: bool = False
+    """With the distributed optimizer: overlap the parameter all-gather with the next forward."""
+    bucket_size: Optional[int] = None
+    """Elements per gradient-reduction bucket; None lets megatron-core choose."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.clip_grad < 0:
+            raise ValueError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError("optim.overlap_param_gather needs optim.use_distributed_optimizer")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where checkpoints go, how often, and what a new run starts from."""
+
+    save_dir: Optional[str] = None
+    """Directory of ``iter_NNNNNNN`` checkpoints and ``latest_checkpointed_iteration.txt``; a run whose save_dir
+    has a latest marker resumes from it. None saves nothing."""
+    save_interval: Optional[int] = 1000
+    """Save every this many steps (and at the end); None saves only at the end."""
+    load: Optional[str] = None
+    """Checkpoint directory (or a save_dir, meaning its latest) to start from when save_dir has none yet."""
+    load_weights_only: bool = False
+    """Take only the weights from ``load`` (any layout): fresh optimizer, schedule, data position, step 0."""
+    keep_last: Optional[int] = None
+    """Keep only the newest this many checkpoints; None keeps all."""
+
+    def __post_init__(self):
+        if self.save_interval is not None and self.save_interval < 1:
+            raise ValueError(f"checkpoint.save_interval must be >= 1 or null, got {self.save_interval}")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1 or null, got {self.keep_last}")
+
+
+@dataclass
+class BranchConfig:
+    """Evaluation branch: fork a checkpoint, train a few more steps with exponential decay, save elsewhere."""
+
+    from_checkpoint: Optional[str] = None
+    """Checkpoint (or save_dir, meaning its latest) of the main run to fork; None means no branch. It is only read."""
+    steps: int = 200
+    """Steps the branch trains after the fork."""
+    half_life: float = 200.0
+    """Learning-rate half-life of the branch's decay (lr · 0.5^(t / half_life))."""
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"branch.steps must be >= 1, got {self.steps}")
+        if self.half_life <= 0:
+            raise ValueError(f"branch.half_life must be > 0, got {self.half_life}")
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics, TensorBoard, progress bar and the peak FLOP/s used for MFU."""
+
+    run_dir: Optional[str] = None
+    """Where metrics.jsonl, tensorboard/ and config.yaml go; None uses checkpoint.save_dir."""
+    log_interval: int = 1
+    """Write metrics every this many steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files."""
+    progress_bar: bool = True
+    """tqdm progress bar on rank 0."""
+    peak_flops: Optional[float] = None
+    """Peak FLOP/s of one accelerator for MFU; None detects it from the GPU name (H100 bf16 dense: 989e12); MFU is
+    left empty on CPU."""
+    level: str = "INFO"
+    """Log level of rank 0."""
+
+    def __post_init__(self):
+        if self.log_interval < 1:
+            raise ValueError(f"logging.log_interval must be >= 1, got {self.log_interval}")
+
+
+@dataclass
+class PretrainRunConfig:
+    """Everything one target-pretraining run needs (``torchrun -m megatron_bliss.pretrain --config FILE``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape (``preset:`` plus overrides)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor/pipeline layout and seed; data-parallel size is what is left of the world."""
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    """Training blend and validation set."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Batches, steps, numerics, validation cadence."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and loading."""
+    branch: BranchConfig = field(default_factory=BranchConfig)
+    """Evaluation branch (off unless branch.from_checkpoint is set)."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and progress output."""
+
+    def run_dir(self) -> Optional[str]:
+        """Directory for metrics and the resolved config."""
+        return self.logging.run_dir or self.checkpoint.save_dir
+
+    def validate(self, world_size: Optional[int] = None) -> None:
+        """Cross-section checks; raises ValueError naming the settings.
+
+        Args:
+            world_size: number of processes (default: ``WORLD_SIZE`` or 1), to check batch divisibility.
+        """
+        p, t = self.parallel, self.train
+        self.model.check_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                p.virtual_pipeline_model_parallel_size)
+        world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        dp = p.data_parallel_size(world_size)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ValueError(
+                f"train.global_batch_size ({t.global_batch_size}) is not divisible by train.micro_batch_size "
+                f"({t.micro_batch_size}) x data-parallel size ({dp} = {world_size} ranks / (tp "
+                f"{p.tensor_model_parallel_size} x pp {p.pipeline_model_parallel_size}))")
+        num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+        if p.virtual_pipeline_model_parallel_size and num_micro % p.pipeline_model_parallel_size:
+            raise ValueError(f"the interleaved pipeline schedule needs the number of micro-batches per step "
+                             f"({num_micro}) to be a multiple of parallel.pipeline_model_parallel_size "
+                             f"({p.pipeline_model_parallel_size})")
+        if self.optim.use_distributed_optimizer and self.optim.overlap_param_gather and p.pipeline_model_parallel_size > 1:
+            raise ValueError("optim.overlap_param_gather is not supported with pipeline parallelism here")
+        self._check_data_lengths()
+        self._check_branch()
+
+    def _check_data_lengths(self) -> None:
+        from megatron_bliss.data.indexed import exists
+        from megatron_bliss.pretraining.data import open_sequences
+
+        sample_length = self.model.seq_length + 1
+        for prefix in self.data.train_prefixes:
+            if exists(prefix):  # missing files are reported when the run opens them
+                open_sequences(prefix, sample_length)
+
+    def _check_branch(self) -> None:
+        b, c = self.branch, self.checkpoint
+        if b.from_checkpoint is None:
+            return
+        if c.save_dir is None:
+            raise ValueError("branch.from_checkpoint needs checkpoint.save_dir (the branch's own directory)")
+        source = os.path.realpath(b.from_checkpoint)
+        target = os.path.realpath(c.save_dir)
+        if target in (source, os.path.dirname(source)) or source.startswith(target + os.sep):
+            raise ValueError(f"checkpoint.save_dir ({c.save_dir}) is the main run's directory: an evaluation "
+                             f"branch must write elsewhere so the main run stays untouched")
+        if c.load is not None:
+            raise ValueError("set either branch.from_checkpoint or checkpoint.load, not both")
+
+
+def load_pretrain_config(path: Optional[str] = None, overrides=(), world_size: Optional[int] = None
+                         ) -> PretrainRunConfig:
+    """Defaults, then the YAML at ``path``, then ``--section.key=value`` overrides; validated.
+
+    Raises:
+        ConfigError naming the file or override and key; ValueError from :meth:`PretrainRunConfig.validate`.
+    """
+    from megatron_bliss.config import load_config
+
+    cfg = load_config(PretrainRunConfig, path, overrides)
+    if world_size is not None:
+        cfg.validate(world_size)
+    return cfg
