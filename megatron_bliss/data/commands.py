@@ -34,7 +34,7 @@ def _run(fn, *args, **kwargs) -> int:
 def preprocess_main(argv: list[str] | None = None) -> int:
     """``tools/preprocess_c4.py``: C4 JSON lines or DsDm parquet -> indexed shards + manifest."""
     from megatron_bliss.data.config import DataConfig
-    from megatron_bliss.data.preprocess import preprocess
+    from megatron_bliss.data.preprocessing import preprocess
 
     p = argparse.ArgumentParser(description="Tokenize C4 JSON lines (or pass DsDm parquet through) into Megatron "
                                             ".bin/.idx shards with a JSON manifest.")
@@ -128,7 +128,7 @@ def select_subset_main(argv: list[str] | None = None) -> int:
 
 def inspect_main(argv: list[str] | None = None) -> int:
     """``tools/inspect_indexed.py``: summary of an indexed dataset, optionally with decoded samples."""
-    from megatron_bliss.data.inspect import describe
+    from megatron_bliss.data.summary import describe
 
     p = argparse.ArgumentParser(description="Describe a Megatron indexed dataset (.bin/.idx).")
     p.add_argument("prefix")

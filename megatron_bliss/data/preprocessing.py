@@ -139,8 +139,8 @@ def _fingerprint(cfg: DataConfig, files: list[str]) -> dict:
     """The settings that determine the output bytes (a manifest with another fingerprint is redone)."""
     skip = {"workers", "progress", "keep_parts", "chunk_bytes", "input", "output_prefix"}
     settings = {k: v for k, v in cfg.to_dict().items() if k not in skip}
-    inputs = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
-    return {"settings": settings, "inputs": inputs}
+    inputs = [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+    return json.loads(json.dumps({"settings": settings, "inputs": inputs}))  # as it reads back from the manifest
 
 
 def preprocess(cfg: DataConfig) -> dict:

@@ -162,9 +162,11 @@ def read_line_chunks(path: str, chunk_bytes: int = 1 << 20, status: ReadStatus |
         status.truncated, status.detail = True, "compressed file ended before the end-of-stream marker"
     status.sha256 = digest.hexdigest()
     if status.truncated:
-        status.break_line, status.fragment = line_no, carry
-        if pending_raw:
-            yield line_no, b"", pending_raw
+        cut = carry.rfind(b"\n") + 1  # whole lines before the break are good lines: hand them on
+        if cut or pending_raw:
+            yield line_no, carry[:cut], pending_raw
+        line_no += carry.count(b"\n", 0, cut)
+        status.break_line, status.fragment = line_no, carry[cut:]
     elif carry or pending_raw:
         yield line_no, carry, pending_raw  # the last line of a file without a final newline
 

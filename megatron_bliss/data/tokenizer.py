@@ -24,6 +24,9 @@ from megatron_bliss.data.indexed import file_sha256
 
 logger = logging.getLogger(__name__)
 
+#: SentencePiece BPE, 8,000 ids, trained with :func:`train_sentencepiece` on public-domain and PSF-licensed text
+#: (see docs/data.md); the quickstart's and the tests' tokenizer.
+DEFAULT_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "default_bpe_8k.model")
 _EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
 _PAD_CANDIDATES = ("<pad>", "<|padding|>", "[PAD]", "<|pad|>")
 
