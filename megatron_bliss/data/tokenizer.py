@@ -52,6 +52,8 @@ class SentencePieceTokenizer:
         pad = self._sp.pad_id()
         self.pad = pad if pad >= 0 and pad != self.eod else -1
         self.bos = self._sp.bos_id()
+        # megatron-core datasets hash this into their cache keys (as its own MegatronTokenizer does)
+        self.unique_identifiers = {"class": type(self).__name__, "tokenizer_path": [path]}
 
     def tokenize(self, text: str) -> list[int]:
         """Ids of ``text`` (no bos/eos added)."""
@@ -91,6 +93,8 @@ class HFTokenizer:
         pad = next((self._tok.token_to_id(t) for t in _PAD_CANDIDATES if self._tok.token_to_id(t) is not None), -1)
         self.pad = pad if pad != self.eod else -1
         self.bos = -1
+        # megatron-core datasets hash this into their cache keys (as its own MegatronTokenizer does)
+        self.unique_identifiers = {"class": type(self).__name__, "tokenizer_path": [path]}
 
     def tokenize(self, text: str) -> list[int]:
         """Ids of ``text`` (no special tokens added)."""
