@@ -1,0 +1,378 @@
+"""Curvature-vector products behind one interface, and the choice of engine.
+
+An :class:`Objective` is a scalar ``L(θ) = output_loss(forward(θ)) + param_loss(θ)`` of a list of parameter tensors,
+where ``forward`` produces the model's outputs (the proxy's logits). From it, :func:`build_operator` returns a linear
+operator ``v ↦ C·v`` (lists of tensors aligned with the parameters) for a curvature C and an engine:
+
+| curvature \\ engine | ``exact`` | ``finite_difference`` |
+|---|---|---|
+| ``hessian`` ∇²L | double backward; the gradient graph is built once per solve and reused by every product | central difference of gradients at θ ± εv/‖v‖ (2 fwd+bwd per product) |
+| ``gauss_newton`` Jᵀ ∇²_out ℓ J + ∇²(param_loss) | J·v by forward-mode AD, Jᵀ· by one backward through a graph kept for the solve | J·v by central difference of the outputs (2 forwards), Jᵀ· as for exact |
+
+The Gauss-Newton matrix is positive semi-definite whenever ``output_loss`` is convex in the outputs (cross-entropy
+and KL(p_target ‖ softmax(z)) are), so ``(GN + μI)`` is positive definite and CG converges on it; the Hessian of a
+language model is indefinite away from a minimum. ``exact`` needs local (unfused) attention and tensor-parallel size 1
+(megatron-core's TP collectives are not twice differentiable and have no forward-AD rule); ``finite_difference`` runs
+with fused kernels and TP>1 but needs fp32 or fp64 parameters (in bf16 its products are noise).
+:func:`resolve_engine` makes the automatic choice and logs why. :func:`hessian_vector_product` is the plain ``(loss closure, params, v)
+→ H·v`` form of the same engines.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.distributed as dist
+
+from megatron_bliss import compat
+
+logger = logging.getLogger(__name__)
+
+Tensors = list  # list[torch.Tensor], aligned with an objective's params
+
+
+@dataclass
+class Objective:
+    """``L(θ) = output_loss(forward(θ)) + param_loss(θ)`` over ``params``.
+
+    ``forward(None)`` evaluates the outputs at the current parameters (with autograd); ``forward(tensors)`` at other
+    tensors in their place (functional call), which forward-mode AD uses with dual tensors.
+    """
+
+    params: Sequence[torch.Tensor]
+    forward: Callable[[Optional[Sequence[torch.Tensor]]], torch.Tensor]
+    output_loss: Callable[[torch.Tensor], torch.Tensor]
+    param_loss: Optional[Callable[[Sequence[torch.Tensor]], torch.Tensor]] = None
+
+    def loss(self) -> torch.Tensor:
+        """L at the current parameters."""
+        value = self.output_loss(self.forward(None))
+        if self.param_loss is not None:
+            value = value + self.param_loss(self.params)
+        return value
+
+
+def module_forward(module, call: Callable) -> Callable[[Optional[Sequence[torch.Tensor]]], torch.Tensor]:
+    """``forward(tensors)`` for an :class:`Objective` over ``list(module.parameters())``.
+
+    Args:
+        module: the model whose parameters are θ.
+        call: ``call(model_callable) -> outputs``, e.g. ``lambda m: gpt_logits(m, inputs)``.
+    """
+    names = [name for name, _ in module.named_parameters()]
+
+    def forward(tensors=None):
+        if tensors is None:
+            return call(module)
+        mapping = dict(zip(names, tensors))
+        return call(lambda *args, **kwargs: torch.func.functional_call(module, mapping, args, kwargs, strict=False))
+
+    return forward
+
+
+# ----------------------------------------------------------------------------------------------- tensor-list helpers
+def dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_k ⟨x_k, y_k⟩ in float64."""
+    return sum((x.double() * y.double()).sum() for x, y in zip(xs, ys))
+
+
+def norm(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """‖x‖ over all tensors, in float64."""
+    return dot(xs, xs).sqrt()
+
+
+@torch.no_grad()
+def _set_params(params, base, direction=None, step=0.0):
+    for p, b, d in zip(params, base, direction if direction is not None else base):
+        p.copy_(b)
+        if direction is not None:
+            p.add_(d.to(p.dtype), alpha=step)
+
+
+def _grads(loss, params, **kwargs) -> Tensors:
+    grads = torch.autograd.grad(loss, params, allow_unused=True, **kwargs)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def _check_fd_dtype(params):
+    low = {str(p.dtype) for p in params if p.dtype not in (torch.float32, torch.float64)}
+    if low:
+        raise ValueError(f"finite-difference products need fp32 or fp64 parameters, got {sorted(low)}: in bf16 their "
+                         "cosine to the exact product was 0.01-0.03; run the proxy with fp32 (master) weights")
+
+
+# ------------------------------------------------------------------------------------------------------ directional
+def jvp(fn: Callable[[Optional[Sequence[torch.Tensor]]], torch.Tensor], params: Sequence[torch.Tensor],
+        tangents: Sequence[torch.Tensor], method: str = "forward_ad", eps: float = 1e-2, with_primal: bool = False):
+    """Directional derivative d/dt fn(θ + t·v) at t = 0 (no reverse graph is kept).
+
+    Args:
+        fn: ``fn(tensors)`` evaluates at ``tensors`` in place of the parameters (see :func:`module_forward`); the
+            parameters themselves are never modified, so graphs kept through them stay valid.
+        params: θ.
+        tangents: v, aligned with ``params``.
+        method: ``forward_ad`` (one forward with dual tensors; needs :func:`compat.enable_forward_ad` for megatron
+            layers) or ``finite_difference`` (central, two forwards, step ``eps / ‖v‖``).
+        eps: norm of the finite-difference perturbation.
+        with_primal: also return fn(θ) (exact with forward AD; the mean of the two evaluations, accurate to O(ε²),
+            with finite differences).
+
+    Returns:
+        The tangent, or ``(primal, tangent)`` with ``with_primal``.
+    """
+    if method == "forward_ad":
+        with torch.no_grad(), fwAD.dual_level():
+            duals = [fwAD.make_dual(p.detach(), t.to(p.dtype)) for p, t in zip(params, tangents)]
+            primal, tangent = fwAD.unpack_dual(fn(duals))
+        if tangent is None:
+            raise RuntimeError("forward-mode AD produced no tangent: the function does not depend on the parameters")
+        return (primal, tangent) if with_primal else tangent
+    if method != "finite_difference":
+        raise ValueError(f"unknown jvp method {method!r}")
+    _check_fd_dtype(params)
+    step = eps / max(float(norm(tangents)), 1e-30)
+    with torch.no_grad():
+        plus = fn([p.detach() + step * t.to(p.dtype) for p, t in zip(params, tangents)])
+        minus = fn([p.detach() - step * t.to(p.dtype) for p, t in zip(params, tangents)])
+    tangent = (plus - minus) / (2 * step)
+    return ((plus + minus) / 2, tangent) if with_primal else tangent
+
+
+# -------------------------------------------------------------------------------------------------------- operators
+class CurvatureOperator:
+    """``v ↦ C·v`` at fixed parameters; counts its products. Call :meth:`close` to free kept graphs."""
+
+    name = "curvature"
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+        self.params = list(objective.params)
+        self.products = 0
+
+    def __call__(self, v: Sequence[torch.Tensor]) -> Tensors:
+        self.products += 1
+        return self._apply(list(v))
+
+    def _apply(self, v):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Releases autograd graphs kept between products."""
+
+
+class ExactHessian(CurvatureOperator):
+    """Hessian by double backward: ∇L is built once with ``create_graph`` and each product differentiates ⟨∇L, v⟩."""
+
+    name = "exact/hessian"
+
+    def __init__(self, objective):
+        super().__init__(objective)
+        grads = torch.autograd.grad(objective.loss(), self.params, create_graph=True, allow_unused=True)
+        # a gradient that does not depend on θ contributes a zero Hessian row
+        self._live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        self._grads = [grads[i] for i in self._live]
+
+    def _apply(self, v):
+        out = [torch.zeros_like(p) for p in self.params]
+        hv = torch.autograd.grad(self._grads, [self.params[i] for i in self._live],
+                                 grad_outputs=[v[i].to(self.params[i].dtype) for i in self._live],
+                                 retain_graph=True, allow_unused=True)
+        for i, h in zip(self._live, hv):
+            if h is not None:
+                out[i] = h
+        return out
+
+    def close(self):
+        self._grads = None
+
+
+class FiniteDifferenceHessian(CurvatureOperator):
+    """Central difference of gradients: (∇L(θ + tv) − ∇L(θ − tv)) / 2t, t = eps/‖v‖; θ is restored bit-exactly."""
+
+    name = "finite_difference/hessian"
+
+    def __init__(self, objective, eps: float):
+        super().__init__(objective)
+        _check_fd_dtype(self.params)
+        self.eps = eps
+
+    def _apply(self, v):
+        step = self.eps / max(float(norm(v)), 1e-30)
+        base = [p.detach().clone() for p in self.params]
+        try:
+            _set_params(self.params, base, v, step)
+            plus = _grads(self.objective.loss(), self.params)
+            _set_params(self.params, base, v, -step)
+            minus = _grads(self.objective.loss(), self.params)
+        finally:
+            _set_params(self.params, base)
+        return [(a - b) / (2 * step) for a, b in zip(plus, minus)]
+
+
+class GaussNewton(CurvatureOperator):
+    """Jᵀ (∇²_out ℓ) J v + ∇²(param_loss) v, with J the Jacobian of the outputs w.r.t. θ.
+
+    The forward pass, the output-space gradient (with graph) and the parameter-loss gradient are built once; each
+    product is one J·v (forward AD or finite difference), one output-space double backward (cheap: no model in it)
+    and one backward through the kept forward graph.
+    """
+
+    def __init__(self, objective, jvp_method: str, eps: float):
+        super().__init__(objective)
+        self.name = f"{'exact' if jvp_method == 'forward_ad' else 'finite_difference'}/gauss_newton"
+        self.jvp_method, self.eps = jvp_method, eps
+        self._out = objective.forward(None)
+        self._leaf = self._out.detach().requires_grad_(True)
+        self._grad_out = torch.autograd.grad(objective.output_loss(self._leaf), self._leaf, create_graph=True)[0]
+        self._param_grads = None
+        if objective.param_loss is not None:
+            grads = torch.autograd.grad(objective.param_loss(self.params), self.params, create_graph=True,
+                                        allow_unused=True)
+            self._param_grads = list(grads)
+
+    def _apply(self, v):
+        jv = jvp(self.objective.forward, self.params, v, self.jvp_method, self.eps)
+        w = torch.autograd.grad(self._grad_out, self._leaf, grad_outputs=jv.to(self._leaf.dtype), retain_graph=True)[0]
+        out = _grads(self._out, self.params, grad_outputs=w, retain_graph=True)
+        if self._param_grads is not None:
+            live = [i for i, g in enumerate(self._param_grads) if g is not None and g.requires_grad]
+            extra = torch.autograd.grad([self._param_grads[i] for i in live], [self.params[i] for i in live],
+                                        grad_outputs=[v[i].to(self.params[i].dtype) for i in live], retain_graph=True,
+                                        allow_unused=True)
+            for i, e in zip(live, extra):
+                if e is not None:
+                    out[i] = out[i] + e
+        return out
+
+    def close(self):
+        self._out = self._leaf = self._grad_out = self._param_grads = None
+
+
+class DataParallelMean(CurvatureOperator):
+    """Averages another operator's products over a data-parallel group (one flat all-reduce per product)."""
+
+    def __init__(self, inner: CurvatureOperator, group):
+        self.inner, self.group = inner, group
+        self.params, self.objective, self.name = inner.params, inner.objective, inner.name
+        self.products = 0
+
+    def _apply(self, v):
+        return all_reduce_mean_tensors(self.inner(v), self.group)
+
+    def close(self):
+        self.inner.close()
+
+
+def all_reduce_mean_tensors(tensors: Sequence[torch.Tensor], group) -> Tensors:
+    """Mean over ``group`` of a list of tensors, through one flat buffer (a no-op for a group of one)."""
+    tensors = list(tensors)
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
+def all_reduce_sum_tensors(tensors: Sequence[torch.Tensor], group) -> Tensors:
+    """Sum over ``group`` of a list of tensors through one flat buffer."""
+    tensors = list(tensors)
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return tensors
+    n = dist.get_world_size(group)
+    return [t * n for t in all_reduce_mean_tensors(tensors, group)]
+
+
+def build_operator(objective: Objective, engine: str, curvature: str = "hessian", *, fd_eps: float = 1e-2,
+                   group=None) -> CurvatureOperator:
+    """The curvature operator of ``objective`` (see the module table); averaged over ``group`` when it has >1 rank."""
+    if curvature == "hessian":
+        op = ExactHessian(objective) if engine == "exact" else FiniteDifferenceHessian(objective, fd_eps)
+    elif curvature == "gauss_newton":
+        op = GaussNewton(objective, "forward_ad" if engine == "exact" else "finite_difference", fd_eps)
+    else:
+        raise ValueError(f"unknown curvature {curvature!r}")
+    if engine not in ("exact", "finite_difference"):
+        raise ValueError(f"unknown HVP engine {engine!r} (resolve 'auto' with resolve_engine first)")
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        op = DataParallelMean(op, group)
+    return op
+
+
+def hessian_vector_product(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
+        engine: str = "exact", fd_eps: float = 1e-2) -> Tensors:
+    """H·v of ``loss_fn()`` w.r.t. ``params``: the one-shot ``(loss closure, params, v) → H·v`` form.
+
+    Args:
+        loss_fn: re-evaluates the scalar loss from the current parameter values.
+        params: tensors to differentiate against.
+        v: direction aligned with ``params``.
+        engine: ``exact`` or ``finite_difference``.
+        fd_eps: perturbation norm for ``finite_difference``.
+    """
+    objective = Objective(params=list(params), forward=lambda tensors=None: loss_fn(), output_loss=lambda x: x)
+    op = build_operator(objective, engine, "hessian", fd_eps=fd_eps)
+    try:
+        return op(v)
+    finally:
+        op.close()
+
+
+# ----------------------------------------------------------------------------------------------------- engine choice
+@dataclass
+class EngineChoice:
+    """Resolved engine, mixed-term method and the reason for the choice."""
+
+    engine: str
+    mixed_term: str
+    reason: str
+
+
+def resolve_engine(hvp_engine: str, mixed_term: str, curvature: str, *, attention_backend: str, tp_size: int,
+                   params_dtype: torch.dtype) -> EngineChoice:
+    """Chooses (or checks) the HVP engine and the mixed-term method for a model and layout.
+
+    Raises:
+        ValueError naming the setting when the requested engine cannot be right here.
+    """
+    fused = attention_backend in ("sdpa", "te")
+    half = params_dtype in (torch.float16, torch.bfloat16)
+    exact_blockers = []
+    if fused:
+        exact_blockers.append(f"attention_backend={attention_backend} (fused attention has no double backward or "
+                              "forward-mode AD)")
+    if tp_size > 1:
+        exact_blockers.append(f"tensor_model_parallel_size={tp_size} (double backward and forward AD through "
+                              "megatron-core's TP collectives are wrong or unsupported)")
+    if hvp_engine == "auto":
+        if exact_blockers:
+            engine, reason = "finite_difference", "exact products impossible: " + "; ".join(exact_blockers)
+        else:
+            engine, reason = "exact", f"local attention at TP=1 supports double backward and forward AD"
+    else:
+        engine, reason = hvp_engine, "requested"
+    if engine == "exact" and exact_blockers:
+        raise ValueError("bilevel.hvp_engine=exact cannot run with " + "; ".join(exact_blockers)
+                         + ": use bilevel.hvp_engine=finite_difference (or auto)")
+    if engine == "finite_difference" and half:
+        raise ValueError(f"bilevel.hvp_engine=finite_difference with {params_dtype} parameters: central differences "
+                         "need fp32/fp64 weights")
+    if curvature == "gauss_newton" and tp_size > 1:
+        raise ValueError("bilevel.curvature=gauss_newton needs tensor_model_parallel_size=1 (its output-space "
+                         "Hessian goes through a double backward of the vocabulary-parallel loss)")
+    if mixed_term == "auto":
+        mixed_term = "jvp" if not exact_blockers else "finite_difference"
+    elif mixed_term == "jvp" and exact_blockers:
+        raise ValueError("bilevel.mixed_term=jvp needs forward-mode AD, impossible with " + "; ".join(exact_blockers)
+                         + ": use finite_difference")
+    if (engine == "exact" and curvature == "gauss_newton") or mixed_term == "jvp":
+        compat.enable_forward_ad()
+    return EngineChoice(engine, mixed_term, reason)

@@ -1,0 +1,192 @@
+"""The two objectives of BLISS: the lower-level loss G (proxy training) and the validation objective F.
+
+    G = Σ_{i∈B} P_i CE_i(θp) + γ · KL(p_target ‖ p_proxy) + λ ‖θp‖²,    P = softmax over the GLOBAL batch of s(ξ_i)
+
+Batch formats (one stored sequence = one sample = one score):
+- train batch: ``tokens`` ``[b, L]`` int64 stored sequences. The proxy and the target see ``tokens[:, :-1]``; the
+  labels are ``tokens[:, 1:]`` (see :func:`megatron_bliss.ops.reference.split_next_token`); the score model sees all
+  ``L`` tokens.
+- ``target_logits``: ``[b, L-1, V]`` logits of the frozen target on ``tokens[:, :-1]`` (None when γ = 0).
+- validation batch: ``tokens`` ``[b, L]`` plus ``loss_mask`` ``[b, L]`` aligned with the tokens (1 on the
+  continuation tokens of a LAMBADA-style example).
+
+Data parallelism: each rank holds ``b`` of the global batch's ``R·b`` sequences. The weights P_i use the global max
+and denominator (all-reduced). Each rank's loss is ``R Σ_{i∈B_r} P_i CE_i + γ KL_r + λ‖θp‖²``, so the mean over
+ranks of the rank gradients (the usual data-parallel average) is the gradient of the global G; the validation loss is
+scaled the same way (by the global count of target tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_bliss import parallel
+from megatron_bliss.models.gpt import gpt_logits
+from megatron_bliss.ops import reference as ref
+
+
+def resolve_group(group):
+    """``group``, or megatron-core's data-parallel group when None (None again before initialization)."""
+    return group if group is not None else parallel.data_parallel_group()
+
+
+def _group_size(group) -> int:
+    if not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+@dataclass
+class Normalizer:
+    """The softmax normalizer of a global batch: P_i = exp(s_i − max) / denom."""
+
+    max: torch.Tensor
+    """Global max of the scores (scalar)."""
+    denom: torch.Tensor
+    """Σ_j exp(s_j − max) over the global batch (scalar)."""
+
+    def state_dict(self) -> dict:
+        """Plain floats for checkpoints."""
+        return {"max": float(self.max), "denom": float(self.denom)}
+
+    @classmethod
+    def from_state_dict(cls, state: Optional[dict]) -> Optional["Normalizer"]:
+        """Inverse of :meth:`state_dict` (None stays None)."""
+        if not state:
+            return None
+        return cls(torch.tensor(state["max"], dtype=torch.float64), torch.tensor(state["denom"], dtype=torch.float64))
+
+
+def sequence_weights(scores: torch.Tensor, normalizer: Optional[Normalizer] = None, group=None):
+    """Softmax weights P ``[b]`` of this rank's scores over the global batch, and the batch's own normalizer.
+
+    Args:
+        scores: ``[b]`` scores s_i of this rank's sequences (may carry autograd history).
+        normalizer: a stale normalizer to use instead of this batch's own (the lower-level steps use the previous
+            outer step's); None uses the batch's own.
+        group: data-parallel group (None: megatron-core's data-parallel group; a world of one uninitialized).
+
+    Returns:
+        ``(P, own)``: ``P`` differentiable w.r.t. ``scores`` (exactly so with one rank; with several ranks the other
+        ranks' share of the denominator is a constant), and ``own``, this batch's global :class:`Normalizer`
+        (detached), which the caller keeps for the next outer step.
+    """
+    group = resolve_group(group)
+    with torch.no_grad():
+        m = scores.detach().max().clone()
+        if _group_size(group) > 1:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        local = torch.exp(scores.detach() - m).sum()
+        total = local.clone()
+        if _group_size(group) > 1:
+            dist.all_reduce(total, group=group)
+    own = Normalizer(m, total)
+    if normalizer is not None:
+        shift, denom = normalizer.max.to(scores), normalizer.denom.to(scores)
+        return torch.exp(scores - shift) / denom, own
+    exp = torch.exp(scores - m)
+    # the max is a shift that cancels; other ranks' terms are constants here (the hypergradient uses a closed form)
+    return exp / (exp.sum() + (total - local)), own
+
+
+@dataclass
+class LowerLevelLoss:
+    """G on one micro-batch and its parts (all scalars unless noted)."""
+
+    loss: torch.Tensor
+    """This rank's G_r = R Σ_{i∈B_r} P_i CE_i + γ KL_r + λ‖θp‖² (its DP mean is the global G)."""
+    weighted_ce: torch.Tensor
+    """Σ_{i∈B_r} P_i CE_i (this rank's share of the global weighted CE; not scaled by R)."""
+    kl: torch.Tensor
+    """KL(p_target ‖ p_proxy), mean over this rank's positions (0 when γ = 0 or no target logits)."""
+    l2: torch.Tensor
+    """‖θp‖²."""
+    ce: torch.Tensor
+    """``[b]`` per-sequence CE_i."""
+    weights: torch.Tensor
+    """``[b]`` P_i used in the loss."""
+    scores: torch.Tensor
+    """``[b]`` s_i."""
+    normalizer: Normalizer
+    """This batch's own global normalizer (keep it: the next outer step's inner steps use it)."""
+
+
+def weighted_lm_objective(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                          target_logits: Optional[torch.Tensor], gamma: float, dp_size: int = 1, tp_group=None):
+    """The logit-dependent part of G: ``(R Σ P_i CE_i + γ KL, ce [b], kl)``.
+
+    Split from :func:`lower_level_loss` so the Gauss-Newton engine can differentiate it w.r.t. the logits alone.
+    """
+    ce = ref.sequence_cross_entropy(logits, labels, tp_group=tp_group)
+    loss = dp_size * ref.weighted_sum(weights, ce)
+    kl = logits.new_zeros(())
+    if gamma and target_logits is not None:
+        kl = ref.kl_target_proxy(target_logits, logits, tp_group=tp_group)
+        loss = loss + gamma * kl
+    return loss, ce, kl
+
+
+def lower_level_loss(proxy, score_model, tokens: torch.Tensor, target_logits: Optional[torch.Tensor], *,
+                     gamma: float, reg: float, normalizer: Optional[Normalizer] = None, group=None,
+                     scores: Optional[torch.Tensor] = None, tp_group=None) -> LowerLevelLoss:
+    """BLISS's lower-level loss G on one micro-batch (twice differentiable w.r.t. the proxy's parameters).
+
+    Args:
+        proxy: the proxy GPTModel θp (its parameters are the ones λ‖θp‖² regularizes).
+        score_model: the score model θs; only used when ``scores`` is None. Run it under ``torch.no_grad`` (or pass
+            ``scores``) for a proxy step; leave autograd on to differentiate G w.r.t. θs.
+        tokens: ``[b, L]`` stored sequences.
+        target_logits: ``[b, L-1, V]`` frozen-target logits on ``tokens[:, :-1]``, or None (requires γ = 0 to matter).
+        gamma: γ, the KL weight.
+        reg: λ, the ‖θp‖² weight.
+        normalizer: stale normalizer (previous outer step's global max and denominator); None uses this batch's own.
+        group: data-parallel group (see :func:`sequence_weights`).
+        scores: precomputed ``[b]`` scores (skips the score model).
+        tp_group: vocabulary-parallel group of the logits (None at TP=1).
+
+    Returns:
+        A :class:`LowerLevelLoss`; ``.loss`` is the scalar to differentiate and ``.normalizer`` this batch's own.
+    """
+    if gamma and target_logits is None:
+        raise ValueError("lower_level_loss: gamma > 0 needs target_logits (the frozen target's logits)")
+    group = resolve_group(group)
+    if scores is None:
+        scores = score_model(tokens)
+    weights, own = sequence_weights(scores, normalizer, group)
+    inputs, labels, _ = ref.split_next_token(tokens)
+    logits = gpt_logits(proxy, inputs)
+    lm, ce, kl = weighted_lm_objective(logits, labels, weights, target_logits, gamma, _group_size(group), tp_group)
+    l2 = ref.squared_norm(list(proxy.parameters()))
+    loss = lm + reg * l2 if reg else lm
+    return LowerLevelLoss(loss=loss, weighted_ce=ref.weighted_sum(weights.detach(), ce.detach()), kl=kl.detach(),
+                          l2=l2.detach(), ce=ce.detach(), weights=weights.detach(), scores=scores.detach(),
+                          normalizer=own)
+
+
+def validation_loss(proxy, tokens: torch.Tensor, loss_mask: torch.Tensor, group=None, tp_group=None,
+                    local: bool = False):
+    """F on one validation micro-batch: CE over the masked (continuation) tokens.
+
+    Returns ``(loss_for_grad, mean_ce)``: ``loss_for_grad`` is this rank's share scaled so that the data-parallel
+    mean of its gradient is the gradient of the global token mean; ``mean_ce`` is the global token-mean CE (detached).
+    With ``local`` both are this rank's own token mean (no communication).
+    """
+    group = resolve_group(group)
+    if local:
+        inputs, labels, mask = ref.split_next_token(tokens, loss_mask)
+        loss = ref.token_mean_cross_entropy(gpt_logits(proxy, inputs), labels, mask, tp_group)
+        return loss, loss.detach()
+    inputs, labels, mask = ref.split_next_token(tokens, loss_mask)
+    logits = gpt_logits(proxy, inputs)
+    per_token = ref.token_cross_entropy(logits, labels, tp_group)
+    mask = mask.to(per_token.dtype)
+    total = (per_token * mask).sum()
+    stats = torch.stack([total.detach(), mask.sum()])
+    if _group_size(group) > 1:
+        dist.all_reduce(stats, group=group)
+    count = stats[1].clamp_min(1.0)
+    return total * _group_size(group) / count, stats[0] / count
