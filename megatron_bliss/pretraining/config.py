@@ -99,6 +99,9 @@ class CheckpointConfig:
     """Take only the weights from ``load`` (any layout): fresh optimizer, schedule, data position, step 0."""
     keep_last: Optional[int] = None
     """Keep only the newest this many checkpoints; None keeps all."""
+    save_initial: bool = False
+    """Also save the starting weights as iter_0000000 before step 1 (a common start for runs under other layouts:
+    with pipeline parallelism each stage draws its initial weights from its own random stream)."""
 
     def __post_init__(self):
         if self.save_interval is not None and self.save_interval < 1:

@@ -95,6 +95,8 @@ class PretrainTrainer(Stateful):
         bar = tqdm(total=self.train_steps, initial=self.step, desc="pretrain", dynamic_ncols=True,
                    disable=not (parallel.is_rank0() and cfg.logging.progress_bar))
         metrics: dict = {}
+        if cfg.checkpoint.save_dir and cfg.checkpoint.save_initial and self.step == 0:
+            self.save()
         try:
             while self.step < self.train_steps:
                 metrics = self.train_step()

@@ -1,0 +1,103 @@
+"""Fast checks of the pretraining pieces: WSD schedule, blended sampler, batch slicing, config validation."""
+
+import glob
+import math
+import os
+
+import numpy as np
+import pytest
+
+from megatron_bliss.config import ConfigError, load_config
+from megatron_bliss.pretraining.config import PretrainRunConfig
+from megatron_bliss.pretraining.data import BlendedSampler, TrainBatches, ValidationBatches
+from megatron_bliss.pretraining.schedule import ScheduleConfig, WSDSchedule
+from tests.conftest import REPO_ROOT
+from tests.pretraining.conftest import SEQ
+
+
+def test_wsd_schedule_warmup_constant_decay():
+    sched = WSDSchedule(ScheduleConfig(warmup_steps=4, lr_multiplier=0.5), peak_lr=1e-3)
+    assert [sched.lr(s) for s in range(6)] == pytest.approx([1.25e-4, 2.5e-4, 3.75e-4, 5e-4, 5e-4, 5e-4])
+    sched.start_decay(10, half_life=200)
+    assert sched.lr(10) == pytest.approx(5e-4)
+    assert sched.lr(210) == pytest.approx(2.5e-4) and sched.lr(410) == pytest.approx(1.25e-4)
+    restored = WSDSchedule(ScheduleConfig(warmup_steps=4, lr_multiplier=0.5), peak_lr=1e-3)
+    restored.load_state_dict(sched.state_dict())
+    assert restored.lr(110) == pytest.approx(sched.lr(110)) == pytest.approx(5e-4 * 0.5 ** 0.5)
+
+
+def test_schedule_sets_groups_with_wd_mult():
+    class Opt:
+        param_groups = [{"lr_mult": 1.0, "wd_mult": 1.0}, {"lr_mult": 1.0, "wd_mult": 0.0}]
+
+    lr = WSDSchedule(ScheduleConfig(warmup_steps=0), 2e-3).apply(Opt, 5, weight_decay=0.1)
+    assert lr == 2e-3 and [g["lr"] for g in Opt.param_groups] == [2e-3, 2e-3]
+    assert [g["weight_decay"] for g in Opt.param_groups] == [0.1, 0.0]
+
+
+def test_sampler_blends_epochs_and_resumes_exactly():
+    sampler = BlendedSampler([10, 30], [0.25, 0.75], seed=3)
+    first = sampler.take(40)
+    counts = np.bincount([d for d, _ in first], minlength=2)
+    assert counts.tolist() == [10, 30]  # the greedy blend is exact at multiples of the weights
+    assert sorted(i for d, i in first if d == 0) == list(range(10))  # one epoch visits every sequence once
+    state = sampler.state_dict()
+    after = sampler.take(17)
+    resumed = BlendedSampler([10, 30], [0.25, 0.75], seed=3)
+    resumed.load_state_dict(state)
+    assert resumed.take(17) == after
+    assert BlendedSampler([10, 30], [0.25, 0.75], seed=4).take(40) != first
+    with pytest.raises(ValueError, match="sizes"):
+        BlendedSampler([10, 31], None, seed=3).load_state_dict(state)
+
+
+def test_data_parallel_slices_partition_the_global_batch(text_data):
+    whole = TrainBatches([text_data["train"]], None, 0, SEQ + 1, 8, 2, dp_rank=0, dp_size=1)
+    halves = [TrainBatches([text_data["train"]], None, 0, SEQ + 1, 8, 2, dp_rank=r, dp_size=2) for r in (0, 1)]
+    for _ in range(2):
+        ref = [b["tokens"] for b in whole.next_batches()]
+        got = [b["tokens"] for h in halves for b in h.next_batches()]
+        assert len(ref) == 4 and all((a == b).all() for a, b in zip(ref, got))
+
+
+def test_validation_batches_pad_with_masked_rows(text_data):
+    val = ValidationBatches(text_data["valid"], SEQ + 1, global_batch_size=12, micro_batch_size=2, dp_rank=0,
+                            dp_size=1)
+    assert len(val) == 3  # 32 sequences -> 3 global batches of 12, the last padded with 4 mask-0 rows
+    last = val.batches[-1]
+    assert float(last[-1]["loss_mask"].sum()) == 0.0
+    first = val.batches[0][0]["loss_mask"]  # the companion mask scores the second half of each stored sequence
+    assert first[0].tolist() == [0.0] * (SEQ // 2 - 1) + [1.0] * (SEQ // 2 + 1)
+
+
+def _load(*overrides, path=None):
+    return load_config(PretrainRunConfig, path, list(overrides))
+
+
+def test_config_cross_checks(text_data, tmp_path):
+    with pytest.raises(ValueError, match="num_attention_heads.*tensor_model_parallel_size"):
+        _load("--model.preset=debug", "--parallel.tensor_model_parallel_size=3")
+    with pytest.raises(ValueError, match=r"stored sequences have 17 tokens, but model.seq_length=32"):
+        _load("--model.preset=debug", "--model.seq_length=32", f"--data.train_prefixes=[{text_data['train']}]")
+    with pytest.raises(ValueError, match="global_batch_size"):
+        _load("--model.preset=debug", "--train.global_batch_size=10", "--train.micro_batch_size=4")
+    main = tmp_path / "main"
+    with pytest.raises(ValueError, match="evaluation branch must write elsewhere"):
+        _load("--model.preset=debug", f"--branch.from_checkpoint={main}/iter_0000004", f"--checkpoint.save_dir={main}")
+    with pytest.raises(ConfigError, match="unknown key"):
+        _load("--optim.learning_rate=1")
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO_ROOT, "examples", "configs", "*.yaml"))),
+                         ids=os.path.basename)
+def test_example_configs_load(path):
+    name = os.path.basename(path)
+    if name.startswith(("tiny_target", "pythia")):
+        cfg = _load(path=path)
+        world = {"pythia_2.8b.yaml": 8}.get(name, 1)
+        p = cfg.parallel
+        cfg.validate(world * p.tensor_model_parallel_size * p.pipeline_model_parallel_size if world == 1 else world)
+        if name.startswith("pythia"):  # the BLISS/MATES target recipe
+            assert (cfg.train.global_batch_size, cfg.model.seq_length, cfg.optim.lr) == (512, 1024, 1e-3)
+            assert (cfg.schedule.warmup_steps, cfg.optim.adam_beta2, cfg.optim.weight_decay) == (2000, 0.95, 0.1)
+            assert math.isclose(cfg.optim.clip_grad, 1.0)
