@@ -125,6 +125,7 @@ def jvp(fn: Callable[[Optional[Sequence[torch.Tensor]]], torch.Tensor], params: 
         The tangent, or ``(primal, tangent)`` with ``with_primal``.
     """
     if method == "forward_ad":
+        compat.enable_forward_ad()  # megatron's TP autograd Functions have no jvp rule (idempotent; raises at TP>1)
         with torch.no_grad(), fwAD.dual_level():
             duals = [fwAD.make_dual(p.detach(), t.to(p.dtype)) for p, t in zip(params, tangents)]
             primal, tangent = fwAD.unpack_dual(fn(duals))

@@ -1,0 +1,148 @@
+"""score_hypergradient against the dense implicit-function hypergradient, the batched mixed term against the
+per-sample loop, the lower-level loss, and DP=2 against one process (float64, tiny model, CPU)."""
+
+import os
+
+import pytest
+import torch
+
+from megatron_bliss.bilevel import BilevelConfig, Normalizer, lower_level_loss, score_hypergradient, sequence_weights
+from megatron_bliss.bilevel.losses import validation_loss
+from megatron_bliss.ops import reference as ref
+from tests.bilevel import tiny
+from tests.conftest import run_torchrun
+
+GAMMA, REG = 0.1, 1e-3
+
+
+@pytest.fixture(scope="module")
+def setup(single_process):
+    proxy, score, target = tiny.tiny_models(seed=2)
+    tokens, val = tiny.tiny_batches(seed=2)
+    return proxy, score, tokens, val, tiny.target_logits(target, tokens)
+
+
+def _exact_config(**kw):
+    base = dict(kl_coef=GAMMA, l2_coef=REG, hvp_engine="exact", solver="cg", solver_init="zero", solver_steps=800,
+                cg_tol=1e-12, clip_hypergrad=False, solver_normalize=False, mixed_term="jvp")
+    base.update(kw)
+    return BilevelConfig(**base)
+
+
+def _rel(a, b):
+    a, b = tiny.flat(a), tiny.flat(b)
+    return float((a - b).norm() / b.norm())
+
+
+def _dense_reference(proxy, score, tokens, val, tl, curvature, mu):
+    """−∂θs ⟨∇θp G(θp, θs), z*⟩ with z* = (C + μI)⁻¹ ∇f from a dense solve; G differentiated through P(θs)."""
+    params = list(proxy.parameters())
+    loss, _ = validation_loss(proxy, val["tokens"], val["loss_mask"])
+    g = tiny.flat(torch.autograd.grad(loss, params))
+    with torch.no_grad():
+        weights, _ = sequence_weights(score(tokens))
+    obj = tiny.objective(proxy, tokens, weights, tl, GAMMA, REG)
+    dense = tiny.dense_hessian(obj) if curvature == "hessian" else tiny.dense_gauss_newton(obj, REG)
+    if mu is None:
+        mu = 1.0 - float(torch.linalg.eigvalsh(dense)[0])
+    z = torch.linalg.solve(dense + mu * torch.eye(len(g), dtype=g.dtype), g)
+    lower = lower_level_loss(proxy, score, tokens, tl, gamma=GAMMA, reg=REG)
+    grads_y = torch.autograd.grad(lower.loss, params, create_graph=True)
+    inner = sum((gy * zk).sum() for gy, zk in zip(grads_y, tiny.unflat(z, params)))
+    h = torch.autograd.grad(inner, list(score.parameters()), allow_unused=True)
+    h = [-x if x is not None else torch.zeros_like(p) for x, p in zip(h, score.parameters())]
+    return h, z, mu
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
+def test_matches_dense_implicit_hypergradient(setup, curvature):
+    proxy, score, tokens, val, tl = setup
+    h_ref, z_ref, mu = _dense_reference(proxy, score, tokens, val, tl, curvature,
+                                        None if curvature == "hessian" else 0.5)
+    result = score_hypergradient(score, proxy, tokens, val, tl, _exact_config(curvature=curvature, damping=mu))
+    assert result.solve.converged and result.residual < 1e-8
+    assert _rel(result.z, tiny.unflat(z_ref, result.z)) < 1e-6
+    assert _rel(result.grads, h_ref) < 1e-4
+    assert tiny.flat(result.grads).norm() > 0
+
+
+def test_batched_mixed_term_equals_per_sample_loop(setup):
+    proxy, score, tokens, val, tl = setup
+    common = dict(solver="sgd", solver_init="one_over_numel", solver_steps=3, damping=1e-2, solver_normalize=True)
+    loop = score_hypergradient(score, proxy, tokens, val, tl, _exact_config(mixed_term="loop", **common))
+    jvp = score_hypergradient(score, proxy, tokens, val, tl, _exact_config(mixed_term="jvp", **common))
+    fd = score_hypergradient(score, proxy, tokens, val, tl,
+                             _exact_config(mixed_term="finite_difference", fd_eps=1e-4, **common))
+    torch.testing.assert_close(jvp.c, loop.c, rtol=1e-10, atol=1e-12)
+    assert _rel(jvp.grads, loop.grads) < 1e-10
+    assert _rel(fd.grads, loop.grads) < 1e-6
+    torch.testing.assert_close(jvp.ce, loop.ce)
+    assert abs(float((jvp.weights * (jvp.c - jvp.c_bar)).sum())) < 1e-12  # Σ P_i (c_i − c̄) = 0 by construction
+
+
+def test_finite_difference_engine_close_to_exact(setup):
+    proxy, score, tokens, val, tl = setup
+    kw = dict(solver="sgd", solver_init="one_over_numel", solver_steps=3, damping=1e-2)
+    exact = score_hypergradient(score, proxy, tokens, val, tl, _exact_config(**kw))
+    fd = score_hypergradient(score, proxy, tokens, val, tl,
+                             _exact_config(hvp_engine="finite_difference", mixed_term="finite_difference",
+                                           fd_eps=1e-4, **kw))
+    assert _rel(fd.grads, exact.grads) < 1e-5
+    assert fd.residual == pytest.approx(exact.residual, rel=1e-5)
+
+
+def test_clipping_bounds_each_tensor(setup):
+    proxy, score, tokens, val, tl = setup
+    cfg = _exact_config(solver="sgd", solver_init="one_over_numel", solver_steps=3, clip_hypergrad=True)
+    result = score_hypergradient(score, proxy, tokens, val, tl, cfg)
+    for g, before in zip(result.grads, result.grad_norms):
+        assert float(g.norm()) == pytest.approx(min(before, 1.0), rel=1e-9)
+
+
+def test_lower_level_loss_terms(setup):
+    proxy, score, tokens, val, tl = setup
+    out = lower_level_loss(proxy, score, tokens, tl, gamma=GAMMA, reg=REG)
+    with torch.no_grad():
+        s = score(tokens)
+        p = torch.softmax(s, 0)
+        from megatron_bliss.models.gpt import gpt_logits
+        logits = gpt_logits(proxy, tokens[:, :-1])
+        ce = ref.sequence_cross_entropy(logits, tokens[:, 1:])
+        kl = ref.kl_target_proxy(tl, logits)
+        l2 = sum((q ** 2).sum() for q in proxy.parameters())
+    torch.testing.assert_close(out.weights, p)
+    torch.testing.assert_close(out.loss.detach(), (p * ce).sum() + GAMMA * kl + REG * l2)
+    torch.testing.assert_close(out.normalizer.denom, torch.exp(s - s.max()).sum())
+    # a stale normalizer replaces the batch's own: P_i = exp(s_i − m_prev) / denom_prev (need not sum to 1)
+    stale = Normalizer(torch.tensor(0.9, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64))
+    out2 = lower_level_loss(proxy, score, tokens, tl, gamma=GAMMA, reg=REG, normalizer=stale)
+    torch.testing.assert_close(out2.weights, torch.exp(s - 0.9) / 3.0)
+    assert Normalizer.from_state_dict(stale.state_dict()).state_dict() == stale.state_dict()
+    with pytest.raises(ValueError, match="target_logits"):
+        lower_level_loss(proxy, score, tokens, None, gamma=GAMMA, reg=REG)
+
+
+@pytest.mark.dist
+def test_two_data_parallel_ranks_equal_one_process(setup, tmp_path):
+    proxy, score, tokens, val, tl = setup
+    configs = {
+        "cg": dict(kl_coef=GAMMA, l2_coef=REG, hvp_engine="exact", curvature="gauss_newton", solver="cg",
+                   solver_init="zero", solver_steps=30, damping=0.5, clip_hypergrad=False, mixed_term="jvp"),
+        "sgd_fd": dict(kl_coef=GAMMA, l2_coef=REG, hvp_engine="finite_difference", solver="sgd", solver_steps=3,
+                       mixed_term="finite_difference", fd_eps=1e-4),
+    }
+    val_tokens = val["tokens"][:2]
+    val_mask = val["loss_mask"][:2].clone()
+    val_mask[0, -5:] = 1  # unequal target counts per rank: the global token mean must still be exact
+    torch.save({"proxy": proxy.state_dict(), "score": score.state_dict(), "tokens": tokens, "target_logits": tl,
+                "val_tokens": val_tokens, "val_mask": val_mask, "configs": configs}, tmp_path / "in.pt")
+    run_torchrun(os.path.join(os.path.dirname(__file__), "dp_hypergradient.py"), str(tmp_path / "in.pt"),
+                 str(tmp_path / "out.pt"))
+    dp = torch.load(tmp_path / "out.pt", weights_only=True)
+    for name, kwargs in configs.items():
+        one = score_hypergradient(score, proxy, tokens, {"tokens": val_tokens, "loss_mask": val_mask}, tl,
+                                  BilevelConfig(**kwargs))
+        assert _rel(dp[name]["grads"], one.grads) < 1e-9, name
+        assert _rel(dp[name]["z"], one.z) < 1e-9, name
+        assert dp[name]["val_loss"] == pytest.approx(one.val_loss, rel=1e-12)
+        assert dp[name]["residual"] == pytest.approx(one.residual, rel=1e-6)
