@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bliss import parallel
+from megatron_bliss.data.sequences import read_sequences
 from megatron_bliss.models import build_score_model, load_model
 from megatron_bliss.models.presets import model_flops_per_token
 from megatron_bliss.selection.config import ScoreRunConfig
@@ -29,21 +30,6 @@ from megatron_bliss.selection.config import ScoreRunConfig
 logger = logging.getLogger(__name__)
 
 SCORES_FILE = "scores.npy"
-
-
-def open_sequences(prefix: str) -> np.ndarray:
-    """``[N, L]`` read-only token view of a sequences-mode indexed dataset (all entries must have length L)."""
-    from megatron_bliss.data.indexed import IndexedReader
-
-    reader = IndexedReader.open(prefix)
-    n = len(reader)
-    if n == 0:
-        raise ValueError(f"{prefix}: the dataset holds no sequences")
-    length = int(reader.sizes[0])
-    if not (np.asarray(reader.sizes) == length).all():
-        raise ValueError(f"{prefix}: sequences have different lengths; scoring needs a sequences-mode dataset "
-                         f"(tools/preprocess_c4.py --mode sequences)")
-    return reader.tokens[: n * length].reshape(n, length)
 
 
 def _chunk_path(output_dir: str, chunk: int) -> str:
@@ -81,7 +67,9 @@ def run_scoring(cfg: ScoreRunConfig) -> str:
     from megatron.core import parallel_state as ps
 
     os.makedirs(os.path.join(sc.output_dir, "chunks"), exist_ok=True)
-    sequences = open_sequences(sc.data_prefix)
+    sequences = read_sequences(sc.data_prefix)
+    if len(sequences) == 0:
+        raise ValueError(f"{sc.data_prefix}: the shard holds no sequences")
     if sc.max_sequences is not None:
         sequences = sequences[: sc.max_sequences]
     n = len(sequences)

@@ -48,13 +48,14 @@ def test_scores_match_direct_forward(single_process, scored_setup):
     import torch
 
     from megatron_bliss.models import build_score_model, get_preset, load_model
-    from megatron_bliss.selection.scoring import open_sequences, score_sequences
+    from megatron_bliss.data.sequences import read_sequences
+    from megatron_bliss.selection.scoring import score_sequences
 
     base, rows = scored_setup
     cfg = get_preset("debug")
     model = build_score_model(cfg)
     load_model(str(base / "score"), model, cfg, "score")
-    seqs = open_sequences(str(base / "shard"))
+    seqs = read_sequences(str(base / "shard"))
     np.testing.assert_array_equal(seqs, rows)
     got = score_sequences(model, seqs[:8], micro_batch_size=3)
     with torch.no_grad():

@@ -4,7 +4,11 @@ import numpy as np
 import pytest
 
 from megatron_bliss.selection.config import SelectionConfig
-from megatron_bliss.selection.select import select_indices, top_k_indices
+from megatron_bliss.selection.select import select_indices
+
+
+def top_k_indices(scores, k):
+    return select_indices(scores, SelectionConfig(top_k=k))
 
 
 def test_top_k_matches_full_sort_with_ties():
@@ -17,9 +21,9 @@ def test_top_k_matches_full_sort_with_ties():
         np.testing.assert_array_equal(got, want)
 
 
-def test_nan_scores_come_last():
-    scores = np.array([np.nan, 1.0, np.nan, 0.5])
-    np.testing.assert_array_equal(top_k_indices(scores, 2), [1, 3])
+def test_nan_scores_refused():
+    with pytest.raises(ValueError, match="score 0 is NaN"):
+        top_k_indices(np.array([np.nan, 1.0, np.nan, 0.5]), 2)
 
 
 def test_fraction_and_methods():
@@ -41,5 +45,5 @@ def test_fraction_and_methods():
 def test_bad_selection_settings():
     with pytest.raises(ValueError, match="selection.method"):
         SelectionConfig(method="best")
-    with pytest.raises(ValueError, match="keeps 0 of 3"):
-        select_indices(np.zeros(3), SelectionConfig(fraction=0.1))
+    with pytest.raises(ValueError, match="cannot keep 0 of 3"):
+        select_indices(np.zeros(3), SelectionConfig(top_k=0))
