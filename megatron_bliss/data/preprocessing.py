@@ -135,12 +135,13 @@ def write_shards(parts: list[Part], parts_dir: str, cfg: DataConfig, dtype: np.d
     return {"shards": shards, "dropped_tail_tokens": int(carry.size) if cfg.mode == "sequences" else 0}
 
 
-def _fingerprint(cfg: DataConfig, files: list[str]) -> dict:
+def _fingerprint(cfg: DataConfig, files: list[str], tokenizer_sha: str | None) -> dict:
     """The settings that determine the output bytes (a manifest with another fingerprint is redone)."""
     skip = {"workers", "progress", "keep_parts", "chunk_bytes", "input", "output_prefix"}
     settings = {k: v for k, v in cfg.to_dict().items() if k not in skip}
     inputs = [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
-    return json.loads(json.dumps({"settings": settings, "inputs": inputs}))  # as it reads back from the manifest
+    fingerprint = {"settings": settings, "inputs": inputs, "tokenizer_sha256": tokenizer_sha}
+    return json.loads(json.dumps(fingerprint))  # as it reads back from the manifest
 
 
 def preprocess(cfg: DataConfig) -> dict:
@@ -173,7 +174,7 @@ def preprocess(cfg: DataConfig) -> dict:
     vocab = tok["vocab_size"] if tok else cfg.vocab_size
     dtype = np.dtype(dtype_for_vocab(vocab))
     prefixes = shard_prefixes(cfg.output_prefix, cfg.shards)
-    fingerprint = _fingerprint(cfg, files)
+    fingerprint = _fingerprint(cfg, files, tok["sha256"] if tok else None)
     if os.path.exists(manifest_path(cfg.output_prefix)) and all(exists(p) for p in prefixes):
         manifest = load_manifest(cfg.output_prefix)
         if manifest.get("fingerprint") == fingerprint:
