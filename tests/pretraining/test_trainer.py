@@ -34,7 +34,8 @@ def test_loss_decreases_on_real_text(one_thread, text_data, tmp_path):
     assert val[0] > val[1] > val[2], val
     for key in ("lr", "grad_norm", "tokens_per_s", "tflops_per_device", "step_time_s"):
         assert records[40][key] > 0, key
-    assert records[40]["mfu"] is None  # no peak FLOP/s on the CPU
+    if not torch.cuda.is_available():
+        assert records[40]["mfu"] is None  # no peak FLOP/s on the CPU
     assert (tmp_path / "run" / "config.yaml").exists()
     assert (tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text().strip() == "40"
 

@@ -92,12 +92,11 @@ def test_config_cross_checks(text_data, tmp_path):
                          ids=os.path.basename)
 def test_example_configs_load(path):
     name = os.path.basename(path)
-    if name.startswith(("tiny_target", "pythia")):
-        cfg = _load(path=path)
-        world = {"pythia_2.8b.yaml": 8}.get(name, 1)
-        p = cfg.parallel
-        cfg.validate(world * p.tensor_model_parallel_size * p.pipeline_model_parallel_size if world == 1 else world)
-        if name.startswith("pythia"):  # the BLISS/MATES target recipe
-            assert (cfg.train.global_batch_size, cfg.model.seq_length, cfg.optim.lr) == (512, 1024, 1e-3)
-            assert (cfg.schedule.warmup_steps, cfg.optim.adam_beta2, cfg.optim.weight_decay) == (2000, 0.95, 0.1)
-            assert math.isclose(cfg.optim.clip_grad, 1.0)
+    if not name.startswith(("tiny_target", "pythia")):
+        pytest.skip("not a target-pretraining config")
+    cfg = _load(path=path)
+    cfg.validate(1 if name.startswith("tiny") else 8)  # the pythia layouts are for one node of 8 GPUs
+    if name.startswith("pythia"):  # the BLISS/MATES target recipe
+        assert (cfg.train.global_batch_size, cfg.model.seq_length, cfg.optim.lr) == (512, 1024, 1e-3)
+        assert (cfg.schedule.warmup_steps, cfg.optim.adam_beta2, cfg.optim.weight_decay) == (2000, 0.95, 0.1)
+        assert math.isclose(cfg.optim.clip_grad, 1.0) and cfg.model.preset == name.removesuffix(".yaml")
