@@ -1,0 +1,404 @@
+"""BilevelTrainer: one BLISS round (BLISS.md §3-4) as a resumable loop of outer steps.
+
+Start of a round: the proxy θp is reset to the warm-up checkpoint; the score model θs is inherited from the previous
+round's checkpoint (``bilevel.init_score``) or its body is copied from the warm-up proxy with a fresh head; the
+target θtr (frozen) is loaded for the KL term. Then ``outer_steps`` times:
+
+- ``inner_step`` × ``inner_steps``: an AdamW step of the proxy on G over a fresh train micro-batch, the weights
+  using the previous outer step's global normalizer (the batch's own on the first step);
+- ``hypergrad_step``: :func:`score_hypergradient` on a fresh outer train micro-batch and a validation micro-batch,
+  then an AdamW step of the score model.
+
+Both optimizers follow cosine schedules with linear warm-up. A step whose gradient (or hypergradient) is not finite
+is skipped and counted; ``max_skipped_steps`` consecutive skips abort the run, and a checkpoint is never written
+from non-finite weights. Every ``save_interval`` steps the trainer writes ``checkpoints/iter_NNNNNNN`` (proxy, score
+model, both optimizers, normalizer, warm-start z, data positions, counters) atomically and then the latest marker, so
+a run killed at any point resumes with identical numbers. Metrics go to ``metrics.jsonl`` and TensorBoard. At the end
+the score model is exported with megatron-core dist-checkpointing to ``output_dir/score`` (what scoring loads).
+
+Data parallelism: gradients are averaged over the data-parallel group with one flat all-reduce; the
+hypergradient is DP-invariant (see :mod:`.hypergradient`). No megatron DDP wrapper: the second-order passes use
+``torch.autograd.grad`` and need plain parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_bliss import parallel
+from megatron_bliss.bilevel.config import BilevelRunConfig
+from megatron_bliss.bilevel.data import TrainStream, ValidationStream
+from megatron_bliss.bilevel.hvp import all_reduce_mean_tensors
+from megatron_bliss.bilevel.hypergradient import choose_engine, score_hypergradient
+from megatron_bliss.bilevel.losses import Normalizer, lower_level_loss, validation_loss
+from megatron_bliss.log import MetricsWriter
+from megatron_bliss.models.checkpoint import load_model, save_model
+from megatron_bliss.models.gpt import build_gpt, gpt_logits
+from megatron_bliss.models.score import ScoreModel
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "bilevel_state_tp{tp}.pt"
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup_fraction: float, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup_fraction`` of ``total`` steps, then cosine decay to ``min_ratio · peak``."""
+    warmup = int(warmup_fraction * total)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_adamw(model, lr: float, cfg) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on matrices only (biases and norms are not decayed, as in megatron)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+
+def _all_finite(tensors) -> bool:
+    flags = torch.stack([torch.isfinite(t).all() for t in tensors])
+    return bool(flags.all())
+
+
+class BilevelTrainer:
+    """Builds the three models, the data streams and the optimizers of a round, and runs it.
+
+    Args:
+        cfg: the run configuration.
+        train_data: an ``[N, L]`` array instead of ``cfg.bilevel.train_prefix`` (tests, benchmarks).
+        val_data: a ``(tokens, loss_mask)`` pair instead of ``cfg.bilevel.val_prefix``.
+    """
+
+    def __init__(self, cfg: BilevelRunConfig, train_data=None, val_data=None):
+        cfg.validate()
+        self.cfg, b = cfg, cfg.bilevel
+        parallel.initialize(cfg.parallel)
+        self.group = parallel.data_parallel_group()
+        dp_rank, dp_size = parallel.data_parallel_rank_and_size()
+        self.proxy = build_gpt(cfg.proxy)
+        self.score = ScoreModel(cfg.proxy, head_seed=b.score_head_seed)
+        self.target = build_gpt(cfg.target).requires_grad_(False) if b.kl_coef > 0 else None
+        self.engine = choose_engine(b, self.proxy)
+        parallel.log_rank0("bilevel: HVP engine %s, curvature %s, mixed term %s (%s)", self.engine.engine,
+                           b.curvature, self.engine.mixed_term, self.engine.reason)
+        self.train_stream = TrainStream(train_data if train_data is not None else b.train_prefix,
+                                        b.micro_batch_size, dp_rank, dp_size, b.seed)
+        self.val_stream = ValidationStream(val_data if val_data is not None else b.val_prefix,
+                                           b.val_micro_batch_size, dp_rank, dp_size, b.seed)
+        self.eval_set = self.val_stream.eval_batches(b.eval_batches)
+        self.proxy_opt = build_adamw(self.proxy, b.proxy_lr, b)
+        self.score_opt = build_adamw(self.score, b.score_lr, b)
+        self.step, self.proxy_steps, self.normalizer, self.z = 0, 0, None, None
+        self.skipped = {"inner": 0, "outer": 0, "consecutive": 0}
+        self.ckpt_dir = os.path.join(b.output_dir, "checkpoints")
+        self._saved_step = None
+        if not self.load():
+            self.start_round()
+        self._load_target()
+        self.metrics = MetricsWriter(b.output_dir, purge_step=self.step, tensorboard=b.tensorboard)
+
+    # ------------------------------------------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        """Runs the remaining outer steps, checkpoints, exports the score model; returns the last metrics."""
+        b, last = self.cfg.bilevel, {}
+        self._dump_config()
+        while self.step < b.outer_steps:
+            last = self.outer_step()
+            self.step += 1
+            if b.eval_interval and (self.step % b.eval_interval == 0 or self.step == b.outer_steps):
+                last["eval_loss"] = self.evaluate()
+            if self.step % b.log_interval == 0 or self.step == b.outer_steps:
+                self.metrics.log(self.step, last)
+                parallel.log_rank0("step %d/%d val %.4f G %.4f z-res %s entropy %.4f spread %.4f (%.2fs)",
+                                   self.step, b.outer_steps, last["val_loss"], last["lower_loss"],
+                                   last.get("z_residual"), last["weight_entropy"], last["score_std"],
+                                   last["time_outer"])
+            if self.step % b.save_interval == 0 or self.step == b.outer_steps:
+                self.save()
+        self.export_score()
+        self.metrics.close()
+        return last
+
+    def outer_step(self) -> dict:
+        """``inner_steps`` proxy updates, then one hypergradient step of the score model; returns metrics."""
+        b = self.cfg.bilevel
+        t0 = time.perf_counter()
+        inner = [self.inner_step() for _ in range(b.inner_steps)]
+        t_inner = time.perf_counter() - t0
+        metrics = self.hypergrad_step()
+        last = inner[-1]
+        metrics.update({"lower_loss": last["loss"], "lower_weighted_ce": last["weighted_ce"], "lower_kl": last["kl"],
+                        "lower_l2": last["l2"], "proxy_grad_norm": last["grad_norm"],
+                        "proxy_lr": self.proxy_opt.param_groups[0]["lr"],
+                        "skipped_inner": self.skipped["inner"], "skipped_outer": self.skipped["outer"],
+                        "time_inner": t_inner, "time_outer": time.perf_counter() - t0})
+        return metrics
+
+    def inner_step(self) -> dict:
+        """One AdamW step of the proxy on G (stale normalizer); skipped when the gradient is not finite."""
+        b = self.cfg.bilevel
+        tokens = self.train_stream.next()
+        with torch.no_grad():
+            scores = self.score(tokens)
+        out = lower_level_loss(self.proxy, self.score, tokens, self._target_logits(tokens), gamma=b.kl_coef,
+                               reg=b.l2_coef, normalizer=self.normalizer, group=self.group, scores=scores)
+        params = list(self.proxy.parameters())
+        grads = all_reduce_mean_tensors(torch.autograd.grad(out.loss, params), self.group)
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        step = self.proxy_steps
+        if not math.isfinite(grad_norm) or not math.isfinite(float(out.loss.detach())):
+            self._skip("inner", f"non-finite proxy gradient at outer step {self.step}")
+        else:
+            if b.proxy_grad_clip and grad_norm > b.proxy_grad_clip:
+                grads = [g * (b.proxy_grad_clip / grad_norm) for g in grads]
+            self._apply(self.proxy_opt, params, grads,
+                        cosine_lr(step, b.outer_steps * b.inner_steps, b.proxy_lr, b.warmup_fraction, b.min_lr_ratio))
+            self.skipped["consecutive"] = 0
+        self.proxy_steps += 1
+        # global G = mean of the ranks' G_r; the global weighted CE is the sum of the ranks' shares
+        loss, weighted_ce, kl = self._dp_reduce([out.loss.detach(), out.weighted_ce, out.kl], [True, False, True])
+        return {"loss": loss, "weighted_ce": weighted_ce, "kl": kl, "l2": float(out.l2), "grad_norm": grad_norm}
+
+    def hypergrad_step(self) -> dict:
+        """The score model's hypergradient on a fresh outer micro-batch, then its AdamW step."""
+        b = self.cfg.bilevel
+        tokens, val = self.train_stream.next(), self.val_stream.next()
+        residual_now = b.residual_interval > 0 and self.step % b.residual_interval == 0
+        res = score_hypergradient(self.score, self.proxy, tokens, val, self._target_logits(tokens), b,
+                                  group=self.group, z_init=self.z, compute_residual=residual_now, engine=self.engine)
+        if _all_finite(res.grads) and math.isfinite(res.c_bar):
+            params = list(self.score.parameters())
+            self._apply(self.score_opt, params, res.grads,
+                        cosine_lr(self.step, b.outer_steps, b.score_lr, b.warmup_fraction, b.min_lr_ratio))
+            self.normalizer = res.normalizer
+            self.z = [z.detach() for z in res.z] if b.solver_init == "warm" else None
+            self.skipped["consecutive"] = 0
+        else:
+            self._skip("outer", f"non-finite hypergradient at outer step {self.step}")
+        metrics = {"val_loss": res.val_loss, "z_residual": res.residual, "z_products": res.solve.products,
+                   "hypergrad_norm": float(torch.linalg.vector_norm(torch.tensor(res.grad_norms))),
+                   "score_lr": self.score_opt.param_groups[0]["lr"], "c_bar": res.c_bar}
+        metrics.update(self._batch_stats(res.weights, res.scores))
+        metrics.update({f"time_{k}": v for k, v in res.timings.items()})
+        if res.solve.negative_curvature:
+            metrics["z_negative_curvature"] = 1
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Global token-mean validation CE of the proxy over the fixed evaluation batches."""
+        total = torch.zeros(2, dtype=torch.float64)
+        for batch in self.eval_set:
+            loss, _ = validation_loss(self.proxy, batch["tokens"], batch["loss_mask"], local=True)
+            count = batch["loss_mask"][:, 1:].sum()
+            total += torch.stack([loss.double() * count, count.double()])
+        if dist.is_initialized():
+            dist.all_reduce(total, group=self.group)
+        return float(total[0] / total[1].clamp_min(1))
+
+    # ---------------------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _apply(optimizer, params, grads, lr: float) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for p, g in zip(params, grads):
+            p.grad = g.detach().to(p.dtype)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _skip(self, kind: str, why: str) -> None:
+        self.skipped[kind] += 1
+        self.skipped["consecutive"] += 1
+        logger.warning("%s: step skipped (%d consecutive)", why, self.skipped["consecutive"])
+        if self.skipped["consecutive"] > self.cfg.bilevel.max_skipped_steps:
+            raise FloatingPointError(f"{self.skipped['consecutive']} consecutive non-finite steps (more than "
+                                     f"bilevel.max_skipped_steps={self.cfg.bilevel.max_skipped_steps}); "
+                                     "lower the learning rates")
+
+    def _target_logits(self, tokens):
+        if self.target is None:
+            return None
+        with torch.no_grad():
+            return gpt_logits(self.target, tokens[:, :-1])
+
+    def _dp_reduce(self, values, mean) -> list:
+        """Sums (or averages, where ``mean``) scalars over the data-parallel group in one all-reduce."""
+        flat = torch.stack([v.detach().double().reshape(()) for v in values])
+        size = 1
+        if dist.is_initialized():
+            dist.all_reduce(flat, group=self.group)
+            size = dist.get_world_size(self.group)
+        return [float(v) / (size if m else 1) for v, m in zip(flat, mean)]
+
+    def _batch_stats(self, weights, scores) -> dict:
+        """Global weight entropy (nats; log B is uniform) and score spread of the outer batch."""
+        w = weights.double()
+        stats = torch.stack([-(w * w.clamp_min(1e-300).log()).sum(), scores.double().sum(),
+                             (scores.double() ** 2).sum(), torch.tensor(float(len(scores)), dtype=torch.float64)])
+        extremes = torch.stack([scores.max(), -scores.min()]).double()
+        if dist.is_initialized():
+            dist.all_reduce(stats, group=self.group)
+            dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.group)
+        mean = stats[1] / stats[3]
+        return {"weight_entropy": float(stats[0]), "weight_entropy_uniform": math.log(float(stats[3])),
+                "score_mean": float(mean), "score_std": float((stats[2] / stats[3] - mean ** 2).clamp_min(0).sqrt()),
+                "score_range": float(extremes[0] + extremes[1])}
+
+    # ------------------------------------------------------------------------------------------- start and resume
+    def start_round(self) -> None:
+        """Proxy from the warm-up checkpoint; score model inherited or initialized from the proxy."""
+        b = self.cfg.bilevel
+        if b.warmup_proxy:
+            load_model(_resolve(b.warmup_proxy), self.proxy, self.cfg.proxy)
+        else:
+            logger.warning("bilevel.warmup_proxy is empty: the proxy starts from a random initialization")
+        if b.init_score:
+            load_model(_resolve(b.init_score), self.score, self.cfg.proxy, "score")
+        else:
+            self.score.init_body_from_proxy(self.proxy)
+            self.score.reset_head(b.score_head_seed)
+
+    def _load_target(self) -> None:
+        if self.target is None:
+            return
+        if not self.cfg.bilevel.target:
+            raise ValueError("bilevel.kl_coef > 0 needs bilevel.target (the target checkpoint of this round)")
+        load_model(_resolve(self.cfg.bilevel.target), self.target, self.cfg.target)
+        self.target.eval()
+
+    def state_dict(self) -> dict:
+        """Everything of the trainer that a resumed run needs besides the models (tensors, numbers, dicts)."""
+        return {"step": self.step, "proxy_steps": self.proxy_steps,
+                "normalizer": self.normalizer.state_dict() if self.normalizer else None,
+                "z": self.z, "skipped": dict(self.skipped), "train_data": self.train_stream.state_dict(),
+                "val_data": self.val_stream.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Inverse of :meth:`state_dict`."""
+        self.step, self.proxy_steps = int(state["step"]), int(state["proxy_steps"])
+        self.normalizer = Normalizer.from_state_dict(state["normalizer"])
+        self.z = state["z"]
+        self.skipped = dict(state["skipped"])
+        self.train_stream.load_state_dict(state["train_data"])
+        self.val_stream.load_state_dict(state["val_data"])
+
+    def save(self) -> None:
+        """Writes ``checkpoints/iter_{step}`` atomically, then the latest marker; refuses non-finite weights."""
+        if self._saved_step == self.step:
+            return
+        tensors = list(self.proxy.parameters()) + list(self.score.parameters())
+        if not _all_finite(tensors):
+            logger.error("non-finite weights at step %d: checkpoint NOT written", self.step)
+            return
+        from megatron.core import parallel_state as ps
+
+        final = os.path.join(self.ckpt_dir, f"iter_{self.step:07d}")
+        tmp = final + ".tmp"
+        dp_rank, _ = parallel.data_parallel_rank_and_size()
+        if parallel.is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier()
+        if dp_rank == 0:  # data-parallel replicas are identical: one file per tensor-parallel rank
+            state = {"proxy": self.proxy.state_dict(), "score": self.score.state_dict(),
+                     "proxy_opt": self.proxy_opt.state_dict(), "score_opt": self.score_opt.state_dict(),
+                     "trainer": self.state_dict()}
+            path = os.path.join(tmp, STATE_FILE.format(tp=ps.get_tensor_model_parallel_rank()))
+            torch.save(state, path + ".part")
+            os.replace(path + ".part", path)
+        _barrier()
+        if parallel.is_rank0():
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump({"step": self.step, "preset": self.cfg.proxy.preset,
+                           "shape": self.cfg.proxy.shape_dict()}, f)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _write_atomic(os.path.join(self.ckpt_dir, LATEST_FILE), f"{self.step}\n")
+            for old in _finished_checkpoints(self.ckpt_dir)[:-self.cfg.bilevel.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        self._saved_step = self.step
+
+    def load(self) -> bool:
+        """Resumes from the latest checkpoint of ``output_dir``; False when there is none."""
+        from megatron.core import parallel_state as ps
+
+        marker = os.path.join(self.ckpt_dir, LATEST_FILE)
+        if not os.path.isfile(marker):
+            return False
+        with open(marker) as f:
+            step = int(f.read().strip())
+        path = os.path.join(self.ckpt_dir, f"iter_{step:07d}")
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        if meta["shape"] != self.cfg.proxy.shape_dict():
+            raise ValueError(f"{path} was written for proxy shape {meta['shape']} ({meta['preset']}), this run's "
+                             f"proxy is {self.cfg.proxy.shape_dict()}: use another bilevel.output_dir")
+        state = torch.load(os.path.join(path, STATE_FILE.format(tp=ps.get_tensor_model_parallel_rank())),
+                           weights_only=True)
+        self.proxy.load_state_dict(state["proxy"])
+        self.score.load_state_dict(state["score"])
+        self.proxy_opt.load_state_dict(state["proxy_opt"])
+        self.score_opt.load_state_dict(state["score_opt"])
+        self.load_state_dict(state["trainer"])
+        self._saved_step = self.step
+        parallel.log_rank0("bilevel: resumed from %s at outer step %d", path, self.step)
+        return True
+
+    def export_score(self) -> str:
+        """Saves the trained score model (dist-checkpointing, role ``score``) to ``output_dir/score``."""
+        path = os.path.join(self.cfg.bilevel.output_dir, "score")
+        save_model(path, self.score, self.cfg.proxy, "score")
+        return path
+
+    def _dump_config(self) -> None:
+        if parallel.is_rank0():
+            from megatron_bliss.config import dump
+
+            dump(self.cfg, os.path.join(self.cfg.bilevel.output_dir, "config.yaml"))
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _finished_checkpoints(directory: str) -> list:
+    names = sorted(n for n in os.listdir(directory) if n.startswith("iter_") and not n.endswith(".tmp")
+                   and os.path.isfile(os.path.join(directory, n, "meta.json")))
+    return [os.path.join(directory, n) for n in names]
+
+
+def _resolve(path: str) -> str:
+    """A checkpoint directory, or the latest one of a pretraining save_dir."""
+    from megatron_bliss.pretraining.checkpointing import resolve_checkpoint
+
+    return resolve_checkpoint(path)
+
+
+def run_bilevel(cfg: BilevelRunConfig, train_data=None, val_data=None) -> dict:
+    """Runs (or resumes) one bilevel round; returns the last metrics."""
+    return BilevelTrainer(cfg, train_data, val_data).train()
