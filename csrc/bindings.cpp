@@ -88,10 +88,12 @@ struct InPlaceTargets {
   }
 };
 
+#ifndef WITH_CUDA
 [[noreturn]] void no_cuda(const char* op) {
   TORCH_CHECK(false, op, ": megatron_bliss._C was built without CUDA; use megatron_bliss.ops, which falls back to "
               "the PyTorch reference");
 }
+#endif
 
 void check_device(const char* op, const at::Device& device) {
   TORCH_CHECK(device.is_cpu() || device.is_cuda(), op, ": tensors on ", device, " are not supported (cpu or cuda)");
