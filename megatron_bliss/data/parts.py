@@ -141,6 +141,7 @@ def encode_texts(tokenizer, texts: list[str], append_eod: bool, dtype: np.dtype)
 
 def _init_worker(tokenizer_path: str, eod_token: str | None, key: str, strict: bool, append_eod: bool,
                  dtype: str) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker: processes give the parallelism
     from megatron_bliss.data.tokenizer import build_tokenizer
 
     _WORKER.update(tokenizer=build_tokenizer(tokenizer_path, eod_token), key=key, strict=strict,
@@ -244,7 +245,8 @@ class _Done:
         return self.value
 
 
-def import_parquet_file(path: str, parts_dir: str, settings: dict, cfg, dtype: np.dtype, progress=None) -> Part:
+def import_parquet_file(path: str, parts_dir: str, settings: dict, cfg, dtype: np.dtype, progress=None,
+                        vocab_size: int | None = None) -> Part:
     """Copies a DsDm parquet file's ``input_ids`` rows into a part, without re-tokenizing.
 
     In ``sequences`` mode every row must hold exactly ``seq_length`` tokens (each row stays one stored sequence, so
@@ -254,7 +256,7 @@ def import_parquet_file(path: str, parts_dir: str, settings: dict, cfg, dtype: n
         DataFormatError: a row of the wrong length, or an id that does not fit the token dtype, naming file and row.
     """
     writer = PartWriter(parts_dir, path, settings, dtype)
-    limit = np.iinfo(dtype).max if dtype == np.uint16 else (cfg.vocab_size or np.iinfo(np.int32).max + 1) - 1
+    limit = vocab_size - 1 if vocab_size else np.iinfo(dtype).max
     try:
         for first_row, tokens, lengths in iter_parquet_rows(path, cfg.parquet_column):
             if cfg.mode == "sequences" and (lengths != cfg.seq_length).any():

@@ -31,7 +31,7 @@ from megatron_bliss.data.sources import SKIP_REASONS, expand_inputs, input_kind,
 
 logger = logging.getLogger(__name__)
 MANIFEST_FORMAT = "megatron_bliss.indexed/1"
-_BLOCK = 1 << 16  # sequences (or documents) moved per step when writing shards
+_BLOCK = 1 << 13  # sequences (or documents) moved per step when writing shards: 16 MiB at L=1024, uint16
 
 
 def shard_prefixes(output_prefix: str, shards: int) -> list[str]:
@@ -116,7 +116,7 @@ def write_shards(parts: list[Part], parts_dir: str, cfg: DataConfig, dtype: np.d
                     if n == 1:
                         writers[0].add(block_tok, block_len)
                     else:
-                        doc_shard = (index + np.arange(block_len.size)) % n
+                        doc_shard = ((index + np.arange(block_len.size)) % n).astype(np.int32)
                         tok_shard = np.repeat(doc_shard, block_len)
                         for k in range(n):
                             writers[k].add(block_tok[tok_shard == k], block_len[doc_shard == k])
@@ -195,7 +195,7 @@ def preprocess(cfg: DataConfig) -> dict:
     try:
         if parquet:
             for path in todo:
-                parts[path] = import_parquet_file(path, parts_dir, settings, cfg, dtype, progress)
+                parts[path] = import_parquet_file(path, parts_dir, settings, cfg, dtype, progress, vocab)
         elif todo:
             for part in tokenize_json_files(todo, parts_dir, settings, cfg, dtype, progress):
                 parts[part.input] = part
