@@ -9,7 +9,7 @@ import pytest
 from megatron_bliss.data import DataConfig, DataFormatError, IndexedReader, build_tokenizer, preprocess
 from megatron_bliss.data.sequences import read_sequences
 
-from conftest import sample_texts
+from tests.data.assets import sample_texts
 
 
 def _run(tmp_path, inputs, tokenizer_path, name="out", **kw):

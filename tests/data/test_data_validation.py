@@ -7,7 +7,7 @@ import pytest
 
 from megatron_bliss.data import DataFormatError, build_tokenizer, load_validation_set, prepare_validation
 
-from conftest import LAMBADA_SAMPLE
+from tests.data.assets import LAMBADA_SAMPLE
 
 
 def test_lambada_mask_covers_the_final_word(tmp_path, tokenizer_path):
