@@ -1,0 +1,201 @@
+"""The bilevel round on real text: CLI run, kill -9 and resume with identical metrics, NaN guard, refusal to write
+a poisoned checkpoint, and a first selection-quality check with controls (untrained head, sign-flipped
+hypergradient)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from megatron_bliss.bilevel import BilevelConfig, BilevelRunConfig
+from megatron_bliss.bilevel import trainer as trainer_mod
+from megatron_bliss.bilevel.trainer import BilevelTrainer, cosine_lr
+from megatron_bliss.log import read_metrics
+from megatron_bliss.models.checkpoint import save_model
+from megatron_bliss.models.gpt import build_gpt, gpt_logits
+from megatron_bliss.models.presets import get_preset
+from megatron_bliss.ops import reference as ref
+from tests.bilevel import realtext
+from tests.conftest import REPO_ROOT
+
+PROXY = dict(preset="debug", vocab_size=8000, make_vocab_size_divisible_by=64, seq_length=64, hidden_size=16,
+             num_attention_heads=4, num_layers=2)
+
+
+def _proxy_config():
+    shape = {k: v for k, v in PROXY.items() if k != "preset"}
+    return get_preset(PROXY["preset"], **shape)
+
+
+def _cli(config_path, *overrides, wait=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "megatron_bliss.bilevel", "--config", str(config_path), *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-4000:]
+    return proc
+
+
+def _comparable(records):
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in records]
+
+
+@pytest.mark.slow
+def test_cli_round_resumes_after_kill_with_identical_metrics(tmp_path):
+    train, val = realtext.build_prefixes(str(tmp_path))
+    config = {"proxy": PROXY, "bilevel": {
+        "kl_coef": 0.0, "outer_steps": 8, "micro_batch_size": 4, "val_micro_batch_size": 4, "train_prefix": train,
+        "val_prefix": val, "save_interval": 2, "eval_interval": 4, "score_lr": 1e-3, "proxy_lr": 1e-3,
+        "solver_init": "warm", "tensorboard": False}}
+    path = tmp_path / "round.yaml"
+    path.write_text(yaml.safe_dump(config))
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _cli(path, f"--bilevel.output_dir={full}")
+    proc = _cli(path, f"--bilevel.output_dir={killed}", wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        metrics = killed / "metrics.jsonl"
+        if metrics.exists() and sum(1 for _ in open(metrics)) >= 5:  # past the checkpoint at 4, before the end
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "score").exists()
+    _cli(path, f"--bilevel.output_dir={killed}")
+    expected, resumed = read_metrics(str(full)), read_metrics(str(killed))
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert _comparable(resumed) == _comparable(expected)
+    assert {"val_loss", "lower_loss", "lower_kl", "weight_entropy", "score_std", "z_residual", "time_solve",
+            "eval_loss"} <= set(expected[-1])
+    assert (full / "score" / "bliss_checkpoint.json").exists() and (full / "config.yaml").exists()
+    # a finished round reruns as a no-op
+    _cli(path, f"--bilevel.output_dir={full}")
+    assert len(read_metrics(str(full))) == 8
+
+
+def test_config_errors_name_the_setting():
+    with pytest.raises(ValueError, match="bilevel.solver"):
+        BilevelConfig(solver="lbfgs")
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        BilevelConfig(micro_batch_size=1)
+    with pytest.raises(ValueError, match="target section"):
+        BilevelRunConfig(bilevel=BilevelConfig(kl_coef=0.01)).validate()
+    proxy = get_preset("tiny", attention_backend="sdpa")
+    with pytest.raises(ValueError, match="attention_backend=sdpa"):
+        BilevelRunConfig(proxy=proxy, bilevel=BilevelConfig(kl_coef=0.0, hvp_engine="exact")).validate()
+    from megatron_bliss.bilevel.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--bilevel.no_such_key=1"])
+
+
+def test_cosine_schedule():
+    assert cosine_lr(0, 100, 1.0, 0.1, 0.1) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 1.0, 0.1, 0.1) == pytest.approx(1.0)
+    assert cosine_lr(99, 100, 1.0, 0.1, 0.1) == pytest.approx(0.1, abs=1e-3)
+    assert cosine_lr(0, 100, 1.0, 0.0, 0.0) == pytest.approx(1.0)
+
+
+def _small_round(tmp_path, name, train, val, **overrides):
+    b = dict(kl_coef=0.0, outer_steps=3, micro_batch_size=4, val_micro_batch_size=4, output_dir=str(tmp_path / name),
+             save_interval=1, eval_interval=0, tensorboard=False, score_lr=1e-3, proxy_lr=1e-3)
+    b.update(overrides)
+    return BilevelTrainer(BilevelRunConfig(proxy=_proxy_config(), bilevel=BilevelConfig(**b)), train, val)
+
+
+def test_nan_guard_skips_and_never_checkpoints_poison(tmp_path, monkeypatch, single_process):
+    train, _ = realtext.domain_pool(0)
+    val = realtext.kjv_validation(str(tmp_path))
+    trainer = _small_round(tmp_path, "nan", train, val)
+    original = trainer_mod.lower_level_loss
+
+    def poisoned(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_mod, "lower_level_loss", poisoned)
+    before = [p.detach().clone() for p in trainer.proxy.parameters()]
+    metrics = trainer.outer_step()
+    assert metrics["skipped_inner"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.proxy.parameters()))
+    monkeypatch.setattr(trainer_mod, "lower_level_loss", original)
+    original_hyper = trainer_mod.score_hypergradient
+
+    def poisoned_hyper(*args, **kwargs):
+        out = original_hyper(*args, **kwargs)
+        out.grads[0] = out.grads[0] * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_mod, "score_hypergradient", poisoned_hyper)
+    score_before = [p.detach().clone() for p in trainer.score.parameters()]
+    assert trainer.outer_step()["skipped_outer"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(score_before, trainer.score.parameters()))
+    monkeypatch.setattr(trainer_mod, "score_hypergradient", original_hyper)
+    trainer.cfg.bilevel.max_skipped_steps = 1
+    monkeypatch.setattr(trainer_mod, "lower_level_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="max_skipped_steps"):
+        trainer.outer_step()
+    with torch.no_grad():
+        next(trainer.proxy.parameters()).fill_(float("nan"))
+    trainer.step = 5
+    trainer.save()
+    assert not os.path.exists(os.path.join(trainer.ckpt_dir, "iter_0000005"))
+
+
+def _warm_proxy(cfg, pool, path, steps=120, seed=0):
+    torch.manual_seed(seed)
+    proxy = build_gpt(cfg)
+    opt = torch.optim.AdamW(proxy.parameters(), lr=3e-3, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        batch = torch.from_numpy(pool[rng.integers(0, len(pool), 16)])
+        loss = ref.sequence_cross_entropy(gpt_logits(proxy, batch[:, :-1]), batch[:, 1:]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_model(path, proxy, cfg, "proxy")
+
+
+@pytest.mark.slow
+def test_ranking_moves_toward_validation_domain(tmp_path, monkeypatch, single_process):
+    """Pool: 25 % KJV, 75 % dictionary entries; validation: held-out KJV passages. After a short round the score
+    model ranks held-out KJV sequences above the rest; the sign-flipped hypergradient from the same start ranks them
+    below, and the untrained head (the start) is in between: the movement comes from the hypergradient's sign."""
+    pool, _ = realtext.domain_pool(0)
+    held_out, is_kjv = realtext.domain_pool(1)
+    val = realtext.kjv_validation(str(tmp_path))
+    cfg = get_preset("tiny", vocab_size=8000, make_vocab_size_divisible_by=64, seq_length=64, hidden_size=32)
+    _warm_proxy(cfg, pool, str(tmp_path / "warm"))
+    original = trainer_mod.score_hypergradient
+    aucs = {}
+    for name, sign in (("bliss", 1.0), ("flipped", -1.0)):
+        def signed(*args, sign=sign, **kwargs):
+            out = original(*args, **kwargs)
+            out.grads = [sign * g for g in out.grads]
+            return out
+
+        monkeypatch.setattr(trainer_mod, "score_hypergradient", signed)
+        trainer = BilevelTrainer(BilevelRunConfig(proxy=cfg, bilevel=BilevelConfig(
+            kl_coef=0.0, outer_steps=15, micro_batch_size=8, val_micro_batch_size=8, score_lr=1e-3, proxy_lr=1e-4,
+            warmup_proxy=str(tmp_path / "warm"), output_dir=str(tmp_path / name), save_interval=1000,
+            eval_interval=0, residual_interval=0, tensorboard=False)), pool, val)
+        with torch.no_grad():
+            aucs["untrained"] = realtext.auc(trainer.score.logit(torch.from_numpy(held_out)).numpy(), is_kjv)
+        while trainer.step < trainer.cfg.bilevel.outer_steps:
+            trainer.outer_step()
+            trainer.step += 1
+        with torch.no_grad():
+            aucs[name] = realtext.auc(trainer.score.logit(torch.from_numpy(held_out)).numpy(), is_kjv)
+    print("held-out KJV AUC:", aucs)
+    assert aucs["bliss"] > aucs["untrained"] + 0.15, aucs
+    assert aucs["flipped"] < aucs["untrained"] - 0.15, aucs
+    assert aucs["bliss"] > 0.75, aucs
