@@ -23,7 +23,8 @@ bool supported_dtype(at::ScalarType t) {
 
 // Checks that `lists` (named by `names`) are equally long, share the first tensor's dtype and device, and pair
 // tensors of equal size. Returns false for empty lists.
-bool check_lists(const char* op, std::initializer_list<const char*> names, std::initializer_list<const TensorList*> lists) {
+bool check_lists(const char* op, std::initializer_list<const char*> names,
+                 std::initializer_list<const TensorList*> lists) {
   const TensorList& first = **lists.begin();
   const char* first_name = *names.begin();
   auto name_it = names.begin();

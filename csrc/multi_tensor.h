@@ -20,7 +20,8 @@ namespace megatron_bliss {
 
 // Accumulator type for a storage type: double for float/double, float for the 16-bit types.
 template <typename scalar_t>
-using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>, double, float>;
+using acc_type_t =
+    std::conditional_t<std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>, double, float>;
 
 // First chunk index of each tensor plus one past the end: chunk_offsets[k + 1] - chunk_offsets[k] chunks of
 // tensor k, each `chunk_size` elements except possibly the last (empty tensors own no chunk).

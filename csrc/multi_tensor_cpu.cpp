@@ -166,7 +166,8 @@ at::Tensor multi_tensor_z_update_cpu(const std::vector<at::Tensor>& hz, const st
     const opmath_t mu_o = static_cast<opmath_t>(mu);
     // Pass 1: ||v_k||^2 without materializing v.
     parallel_over_chunks(offsets, numels, [&](int64_t k, int64_t begin, int64_t len, int64_t c) {
-      partial[c] = static_cast<double>(residual_sumsq_chunk(hz_p[k] + begin, g_p[k] + begin, z_p[k] + begin, mu_o, len));
+      partial[c] = static_cast<double>(
+          residual_sumsq_chunk(hz_p[k] + begin, g_p[k] + begin, z_p[k] + begin, mu_o, len));
     });
     norms = sum_partials(offsets, partial, /*take_sqrt=*/true);
     const double* norm = norms.const_data_ptr<double>();

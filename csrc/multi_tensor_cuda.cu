@@ -5,7 +5,8 @@
 // one tensor, found by binary search over the chunk offsets) and writes one partial sum; a second launch sums each
 // tensor's partials in chunk order. No atomics: results are deterministic run to run. The z-update adds a third
 // launch that applies z -= eta * scale_k * v with the per-tensor scale left on the device by the second (no host
-// synchronization anywhere).
+// synchronization anywhere). Each call copies its metadata from pinned host memory, so these ops are not meant to be
+// captured in a CUDA graph.
 #include "multi_tensor.h"
 
 #include <ATen/Dispatch.h>

@@ -55,7 +55,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else torch.float64
 
 
-def _check(op: str, names: Sequence[str], lists: Sequence[TensorList]) -> tuple[list[list[torch.Tensor]], Optional[torch.device]]:
+def _check(op: str, names: Sequence[str],
+           lists: Sequence[TensorList]) -> tuple[list[list[torch.Tensor]], Optional[torch.device]]:
     """Validates the op's contract; returns the lists as lists and their common device (None when empty)."""
     as_lists = [list(xs) for xs in lists]
     n = len(as_lists[0])
@@ -70,7 +71,8 @@ def _check(op: str, names: Sequence[str], lists: Sequence[TensorList]) -> tuple[
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{op}: {name}[{k}] is a {type(t).__name__}, not a tensor")
             if t.dtype not in _FLOAT_DTYPES:
-                raise TypeError(f"{op}: {name}[{k}] has dtype {t.dtype}; expected float32, float64, bfloat16 or float16")
+                raise TypeError(f"{op}: {name}[{k}] has dtype {t.dtype}; "
+                                "expected float32, float64, bfloat16 or float16")
             if t.device != device:
                 raise ValueError(f"{op}: {name}[{k}] is on {t.device} but {names[0]}[0] is on {device}")
             if t.shape != first.shape or t.dtype != first.dtype:
@@ -242,7 +244,8 @@ def multi_tensor_z_update(hz: TensorList, g: TensorList, z: TensorList, mu: floa
                           clip: float = 1.0) -> torch.Tensor:
     """One fused step of BLISS's z-solver (§3), in place on ``z``.
 
-    ``v = hz - g + mu * z``; per tensor, ``v_k ← v_k · clip/‖v_k‖`` where ``‖v_k‖ > clip``; then ``z ← z - eta v``.
+    ``v = hz - g + mu * z``; per tensor, ``v_k ← v_k · clip/‖v_k‖`` where ``‖v_k‖ > clip``;
+    then ``z ← z - eta v``.
     ``v`` is never materialized: the op reads ``hz, g, z`` twice (norms, then update) and writes ``z`` once.
 
     Args:

@@ -223,7 +223,8 @@ def test_no_clip_and_empty_lists():
     norms = ops.multi_tensor_z_update(xs, [torch.zeros_like(x) for x in xs], z, 0.0, 1.0, clip=float("inf"))
     assert_close_list(z, [-x for x in xs], 1e-15)  # v = hz, unclipped: z = -hz
     assert (norms > 100).all()
-    for result in (ops.multi_tensor_dot([], []), ops.multi_tensor_norm([]), ops.multi_tensor_z_update([], [], [], 1, 1)):
+    empty = (ops.multi_tensor_dot([], []), ops.multi_tensor_norm([]), ops.multi_tensor_z_update([], [], [], 1, 1))
+    for result in empty:
         assert result.shape == (0,) and result.dtype == torch.float64
     ops.multi_tensor_axpby([], [], [], 1.0, 1.0)
 
