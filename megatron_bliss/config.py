@@ -184,8 +184,9 @@ def to_dict(cfg) -> dict:
 
 
 def config_hash(cfg, exclude: Sequence[str] = ()) -> str:
-    """Stable short hash of a config (sections in ``exclude`` left out), for refusing to mix outputs on resume."""
-    d = to_dict(cfg)
+    """Stable short hash of a config or plain dict (top-level keys in ``exclude`` left out), for refusing to mix
+    outputs on resume."""
+    d = dict(cfg) if isinstance(cfg, dict) else to_dict(cfg)
     for key in exclude:
         d.pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

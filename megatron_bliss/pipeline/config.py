@@ -1,0 +1,139 @@
+"""Configuration of a whole BLISS run: data shards, the three models, and the per-phase settings.
+
+The sections reuse each phase's own config classes (``train``/``optim``/``schedule`` from pretraining, ``bilevel``
+from the bilevel round, ``scoring``/``selection`` from selection); the pipeline fills in the paths and the
+per-round values (steps, learning-rate multiplier, checkpoints) when it builds each phase's config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_bliss.bilevel.config import BilevelConfig
+from megatron_bliss.models.presets import ModelConfig
+from megatron_bliss.parallel import ParallelConfig
+from megatron_bliss.pretraining.config import OptimConfig, TrainConfig
+from megatron_bliss.pretraining.schedule import ScheduleConfig
+from megatron_bliss.selection.config import ScoringConfig, SelectionConfig
+
+METHODS = ("bliss", "random")
+
+
+@dataclass
+class RunSection:
+    """The run as a whole."""
+
+    run_dir: str = "runs/bliss"
+    """Directory of every output and of ``manifest.json``; a rerun resumes there."""
+    method: str = "bliss"
+    """'bliss' (bilevel score model selects each round's subset) or 'random' (the baseline: same schedule, a random
+    subset of the same size, no bilevel or scoring phase)."""
+    rounds: int = 4
+    """Selection rounds after the warm-up (BLISS: 4, one per shard 1..4)."""
+    force: bool = False
+    """Resume a run directory that was started with another configuration."""
+    save_interval: int = 1000
+    """Target and proxy checkpoints every this many steps within a phase (and at its end); a killed phase resumes
+    from its latest."""
+
+
+@dataclass
+class PipelineDataConfig:
+    """The candidate pool and the validation set."""
+
+    shards: list[str] = field(default_factory=list)
+    """Sequences-mode prefixes: shard 0 for the warm-up, shard r for round r (tools/preprocess_c4.py --shards)."""
+    valid_prefix: str = ""
+    """Validation prefix with its loss mask (tools/prepare_validation.py): the upper objective and the eval loss."""
+    warmup_fraction: float = 0.2
+    """Fraction of shard 0 drawn at random for the warm-up."""
+
+    def __post_init__(self):
+        if not 0.0 < self.warmup_fraction <= 1.0:
+            raise ValueError(f"data.warmup_fraction must be in (0, 1], got {self.warmup_fraction}")
+
+
+@dataclass
+class ScheduleSection:
+    """Steps of each phase and the per-round learning rate."""
+
+    target_warmup_steps: int = 10000
+    """Target steps on the warm-up subset (round 0)."""
+    proxy_warmup_steps: int = 10000
+    """Proxy steps on the warm-up subset."""
+    target_round_steps: int = 10000
+    """Target steps on each round's selected subset."""
+    round_lr_factor: float = 0.5
+    """Peak learning rate of round r is optim.lr x round_lr_factor^r (BLISS halves it each round; MATES keeps 1)."""
+    eval_branch_steps: int = 200
+    """Steps of each round's evaluation branch (a decayed copy of the target; the main run continues undecayed)."""
+    eval_branch_half_life: float = 200.0
+    """Learning-rate half-life of the evaluation branch."""
+
+    def __post_init__(self):
+        for name in ("target_warmup_steps", "proxy_warmup_steps", "target_round_steps", "eval_branch_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"steps.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class PipelineRunConfig:
+    """``torchrun ... -m megatron_bliss.pipeline --config FILE``: warm-up, then rounds of select-and-train."""
+
+    run: RunSection = field(default_factory=RunSection)
+    """Run directory, method and number of rounds."""
+    data: PipelineDataConfig = field(default_factory=PipelineDataConfig)
+    """Shards and validation set."""
+    target: ModelConfig = field(default_factory=lambda: ModelConfig(preset="tiny"))
+    """Target shape."""
+    proxy: ModelConfig = field(default_factory=lambda: ModelConfig(preset="tiny"))
+    """Proxy shape (also the score model's body)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Target layout (TP/PP); proxy, bilevel and scoring phases run data-parallel with its seed."""
+    steps: ScheduleSection = field(default_factory=ScheduleSection)
+    """Phase lengths and the per-round learning rate."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Target batches and numerics (train_steps is set per phase)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Target optimizer."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Target WSD schedule (lr_multiplier is set per round)."""
+    proxy_train: TrainConfig = field(default_factory=TrainConfig)
+    """Proxy warm-up batches."""
+    proxy_optim: OptimConfig = field(default_factory=OptimConfig)
+    """Proxy warm-up optimizer."""
+    bilevel: BilevelConfig = field(default_factory=BilevelConfig)
+    """Bilevel round settings (data and checkpoint paths are filled in per round)."""
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    """Scoring batches (paths are filled in per round)."""
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    """How each round's subset is chosen (method 'top' for BLISS; the random baseline ignores it but its size)."""
+
+    def validate(self) -> None:
+        """Cross-section checks, naming the settings."""
+        if self.run.method not in METHODS:
+            raise ValueError(f"run.method must be one of {METHODS}, got {self.run.method!r}")
+        if self.run.rounds < 1:
+            raise ValueError(f"run.rounds must be >= 1, got {self.run.rounds}")
+        if len(self.data.shards) < self.run.rounds + 1:
+            raise ValueError(f"data.shards lists {len(self.data.shards)} prefixes; run.rounds={self.run.rounds} needs "
+                             f"{self.run.rounds + 1} (shard 0 for the warm-up, one per round)")
+        if not self.data.valid_prefix:
+            raise ValueError("data.valid_prefix is required (tools/prepare_validation.py writes it)")
+        if self.target.padded_vocab_size() != self.proxy.padded_vocab_size():
+            raise ValueError(f"target.vocab_size ({self.target.vocab_size}) and proxy.vocab_size "
+                             f"({self.proxy.vocab_size}) differ: both read the same tokenized shards")
+        if self.target.seq_length != self.proxy.seq_length:
+            raise ValueError(f"target.seq_length ({self.target.seq_length}) and proxy.seq_length "
+                             f"({self.proxy.seq_length}) differ: both read the same stored sequences")
+        self.target.check_layout(self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size,
+                                 self.parallel.virtual_pipeline_model_parallel_size)
+
+    def fingerprint(self) -> dict:
+        """What decides the outputs (for the manifest's config hash): everything but run.force."""
+        from megatron_bliss.config import to_dict
+
+        d = to_dict(self)
+        d["run"].pop("force", None)
+        return d
