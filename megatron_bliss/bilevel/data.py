@@ -57,10 +57,12 @@ class TrainStream(_Stream):
         dp_rank / dp_size: data-parallel position.
         seed: order seed.
         seq_length: expected stored length (checked for a prefix).
+        device: where batches go (None: the CPU).
     """
 
     def __init__(self, data: Union[str, np.ndarray], micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0, seq_length: Optional[int] = None):
+                 seed: int = 0, seq_length: Optional[int] = None, device=None):
+        self.device = device
         self.sequences = read_sequences(data, seq_length) if isinstance(data, str) else np.asarray(data)
         if self.sequences.ndim != 2:
             raise ValueError(f"training data must be [N, L], got shape {self.sequences.shape}")
@@ -69,7 +71,7 @@ class TrainStream(_Stream):
 
     def next(self) -> torch.Tensor:
         """The next micro-batch of this rank."""
-        return torch.from_numpy(np.asarray(self.sequences[self.next_indices()], dtype=np.int64))
+        return torch.from_numpy(np.asarray(self.sequences[self.next_indices()], dtype=np.int64)).to(self.device)
 
 
 class ValidationStream(_Stream):
@@ -80,9 +82,11 @@ class ValidationStream(_Stream):
         micro_batch_size: examples per rank per batch.
         dp_rank / dp_size: data-parallel position.
         seed: order seed.
+        device: where batches go (None: the CPU).
     """
 
-    def __init__(self, data, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+    def __init__(self, data, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, device=None):
+        self.device = device
         tokens, mask = load_validation_set(data) if isinstance(data, str) else data
         self.tokens, self.mask = np.asarray(tokens, dtype=np.int64), np.asarray(mask, dtype=np.float32)
         if self.tokens.shape != self.mask.shape or self.tokens.ndim != 2:
@@ -95,7 +99,8 @@ class ValidationStream(_Stream):
                          data if isinstance(data, str) else "validation data")
 
     def _batch(self, indices) -> dict:
-        return {"tokens": torch.from_numpy(self.tokens[indices]), "loss_mask": torch.from_numpy(self.mask[indices])}
+        return {"tokens": torch.from_numpy(self.tokens[indices]).to(self.device),
+                "loss_mask": torch.from_numpy(self.mask[indices]).to(self.device)}
 
     def next(self) -> dict:
         """The next validation micro-batch of this rank."""

@@ -95,10 +95,11 @@ class BilevelTrainer:
         self.engine = choose_engine(b, self.proxy)
         parallel.log_rank0("bilevel: HVP engine %s, curvature %s, mixed term %s (%s)", self.engine.engine,
                            b.curvature, self.engine.mixed_term, self.engine.reason)
+        device = parallel.get_device()
         self.train_stream = TrainStream(train_data if train_data is not None else b.train_prefix,
-                                        b.micro_batch_size, dp_rank, dp_size, b.seed)
+                                        b.micro_batch_size, dp_rank, dp_size, b.seed, device=device)
         self.val_stream = ValidationStream(val_data if val_data is not None else b.val_prefix,
-                                           b.val_micro_batch_size, dp_rank, dp_size, b.seed)
+                                           b.val_micro_batch_size, dp_rank, dp_size, b.seed, device=device)
         self.eval_set = self.val_stream.eval_batches(b.eval_batches)
         self.proxy_opt = build_adamw(self.proxy, b.proxy_lr, b)
         self.score_opt = build_adamw(self.score, b.score_lr, b)
@@ -201,7 +202,7 @@ class BilevelTrainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Global token-mean validation CE of the proxy over the fixed evaluation batches."""
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=parallel.get_device())
         for batch in self.eval_set:
             loss, _ = validation_loss(self.proxy, batch["tokens"], batch["loss_mask"], local=True)
             count = batch["loss_mask"][:, 1:].sum()
@@ -248,7 +249,7 @@ class BilevelTrainer:
         """Global weight entropy (nats; log B is uniform) and score spread of the outer batch."""
         w = weights.double()
         stats = torch.stack([-(w * w.clamp_min(1e-300).log()).sum(), scores.double().sum(),
-                             (scores.double() ** 2).sum(), torch.tensor(float(len(scores)), dtype=torch.float64)])
+                             (scores.double() ** 2).sum(), w.new_tensor(float(len(scores)))])
         extremes = torch.stack([scores.max(), -scores.min()]).double()
         if dist.is_initialized():
             dist.all_reduce(stats, group=self.group)
