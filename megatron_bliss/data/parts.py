@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -139,6 +140,12 @@ def encode_texts(tokenizer, texts: list[str], append_eod: bool, dtype: np.dtype)
     return np.concatenate(arrays).astype(dtype, copy=False), lengths
 
 
+def _start_method() -> str:
+    """``fork`` from a light parent on Linux (fast start; workers are the parent's children, so their CPU time is
+    accounted to it); ``forkserver`` when torch is loaded, since forking a process with OpenMP threads can hang."""
+    return "fork" if sys.platform == "linux" and "torch" not in sys.modules else "forkserver"
+
+
 def _init_worker(tokenizer_path: str, eod_token: str | None, key: str, strict: bool, append_eod: bool,
                  dtype: str) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker: processes give the parallelism
@@ -180,8 +187,7 @@ def tokenize_json_files(files: list[str], parts_dir: str, settings: dict, cfg, d
         _init_worker(*init_args)
         pool, submit = None, lambda task: _Done(_tokenize_task(task))
     else:
-        # forkserver: workers start from a clean single-threaded process, whatever the parent imported.
-        pool = mp.get_context("forkserver").Pool(cfg.workers, initializer=_init_worker, initargs=init_args)
+        pool = mp.get_context(_start_method()).Pool(cfg.workers, initializer=_init_worker, initargs=init_args)
         submit = lambda task: pool.apply_async(_tokenize_task, (task,))  # noqa: E731
     max_in_flight = 2 * max(cfg.workers, 1) + 2  # bounds memory: at most this many blobs queued or in results
     pending: deque = deque()
@@ -206,8 +212,8 @@ def tokenize_json_files(files: list[str], parts_dir: str, settings: dict, cfg, d
                     raise DataFormatError(files[index], *first_bad)
                 writers[index].add(tokens, lengths, skipped, lines)
                 if progress is not None:
-                    progress.update(raw)
                     progress.docs += lengths.size
+                    progress.update(raw)
 
         for index, path in enumerate(files):
             writers[index] = PartWriter(parts_dir, path, settings, dtype)
