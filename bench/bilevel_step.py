@@ -89,6 +89,8 @@ def run_one(args) -> dict:
     import torch
 
     warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from megatron_bliss.bilevel import BilevelConfig, BilevelRunConfig
     from megatron_bliss.bilevel.trainer import BilevelTrainer
     from megatron_bliss.models.gpt import causal_attention_mask, position_ids
@@ -156,6 +158,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--fused-backend", default="sdpa", help="attention of finite-difference variants")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -167,7 +170,7 @@ def main() -> None:
         for variant in ["plain"] + [v for v in args.variants.split(",") if v]:
             cmd = [sys.executable, __file__, "--variant", variant, "--workdir", os.path.join(tmp, str(len(rows))),
                    "--preset", args.preset, "--micro-batch", str(args.micro_batch), "--seq", str(args.seq),
-                   "--repeats", str(args.repeats), "--fused-backend", args.fused_backend]
+                   "--repeats", str(args.repeats), "--fused-backend", args.fused_backend, "--threads", str(args.threads)]
             path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
             out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path))
             lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]

@@ -7,7 +7,7 @@ operator ``v ↦ C·v`` (lists of tensors aligned with the parameters) for a cur
 | curvature \\ engine | ``exact`` | ``finite_difference`` |
 |---|---|---|
 | ``hessian`` ∇²L | double backward; the gradient graph is built once per solve and reused by every product | central difference of gradients at θ ± εv/‖v‖ (2 fwd+bwd per product) |
-| ``gauss_newton`` Jᵀ ∇²_out ℓ J + ∇²(param_loss) | J·v by forward-mode AD, Jᵀ· by one backward through a graph kept for the solve | J·v by central difference of the outputs (2 forwards), Jᵀ· as for exact |
+| ``gauss_newton`` Jᵀ ∇²_out ℓ J + ∇²(param_loss) | J·v by the double-backward trick on a forward graph kept for the solve, Jᵀ· by one backward through it | J·v by central difference of the outputs (2 forwards), Jᵀ· as for exact |
 
 The Gauss-Newton matrix is positive semi-definite whenever ``output_loss`` is convex in the outputs (cross-entropy
 and KL(p_target ‖ softmax(z)) are), so ``(GN + μI)`` is positive definite and CG converges on it; the Hessian of a
@@ -47,6 +47,8 @@ class Objective:
     forward: Callable[[Optional[Sequence[torch.Tensor]]], torch.Tensor]
     output_loss: Callable[[torch.Tensor], torch.Tensor]
     param_loss: Optional[Callable[[Sequence[torch.Tensor]], torch.Tensor]] = None
+    output_hvp: Optional[Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = None
+    """Optional closed form of the output-space Hessian: ``output_hvp(out)(w) = ∇²_out output_loss(out) · w``."""
 
     def loss(self) -> torch.Tensor:
         """L at the current parameters."""
@@ -145,7 +147,11 @@ def jvp(fn: Callable[[Optional[Sequence[torch.Tensor]]], torch.Tensor], params: 
 
 # -------------------------------------------------------------------------------------------------------- operators
 class CurvatureOperator:
-    """``v ↦ C·v`` at fixed parameters; counts its products. Call :meth:`close` to free kept graphs."""
+    """``v ↦ C·v`` at fixed parameters; counts its products. Call :meth:`close` to free kept graphs.
+
+    :meth:`output_jvp` gives J·v, the directional derivative of the objective's outputs (the logits), reusing what
+    the operator keeps when it can; the mixed term of the hypergradient uses it along the solved z.
+    """
 
     name = "curvature"
 
@@ -161,8 +167,43 @@ class CurvatureOperator:
     def _apply(self, v):
         raise NotImplementedError
 
+    def output_jvp(self, v: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+        """J·v of the outputs, or None when this operator keeps nothing that makes it cheap."""
+        return None
+
+    def outputs(self) -> Optional[torch.Tensor]:
+        """The outputs at θ (detached) when the operator kept them, else None."""
+        return None
+
     def close(self) -> None:
         """Releases autograd graphs kept between products."""
+
+
+class _KeptForward:
+    """A forward graph kept for a solve, with J·v by the double-backward trick.
+
+    ``Jᵀu`` is built once with ``create_graph`` for a dummy u; ⟨Jᵀu, v⟩ is linear in u and its gradient w.r.t. u is
+    J·v. Each J·v is then one backward through the backward graph (about a forward's cost) instead of a forward-mode
+    pass, and it needs no forward-AD rules (megatron-core's TP=1 layers are twice differentiable).
+    """
+
+    def __init__(self, out: torch.Tensor, params):
+        self.out, self.params = out, params
+        self._u = self._jtu = None
+
+    def jvp(self, v) -> torch.Tensor:
+        if self._jtu is None:
+            self._u = torch.zeros_like(self.out, requires_grad=True)
+            jtu = torch.autograd.grad(self.out, self.params, grad_outputs=self._u, create_graph=True,
+                                      allow_unused=True)
+            self._live = [i for i, g in enumerate(jtu) if g is not None and g.requires_grad]
+            self._jtu = [jtu[i] for i in self._live]
+        (jv,) = torch.autograd.grad(self._jtu, self._u, grad_outputs=[v[i].to(self.params[i].dtype)
+                                                                      for i in self._live], retain_graph=True)
+        return jv
+
+    def vjp(self, w) -> Tensors:
+        return _grads(self.out, self.params, grad_outputs=w, retain_graph=True)
 
 
 class ExactHessian(CurvatureOperator):
@@ -172,10 +213,15 @@ class ExactHessian(CurvatureOperator):
 
     def __init__(self, objective):
         super().__init__(objective)
-        grads = torch.autograd.grad(objective.loss(), self.params, create_graph=True, allow_unused=True)
+        out = objective.forward(None)
+        loss = objective.output_loss(out)
+        if objective.param_loss is not None:
+            loss = loss + objective.param_loss(self.params)
+        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         # a gradient that does not depend on θ contributes a zero Hessian row
         self._live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self._grads = [grads[i] for i in self._live]
+        self._kept = _KeptForward(out, self.params)
 
     def _apply(self, v):
         out = [torch.zeros_like(p) for p in self.params]
@@ -187,8 +233,14 @@ class ExactHessian(CurvatureOperator):
                 out[i] = h
         return out
 
+    def output_jvp(self, v):
+        return self._kept.jvp(v)
+
+    def outputs(self):
+        return self._kept.out.detach()
+
     def close(self):
-        self._grads = None
+        self._grads = self._kept = None
 
 
 class FiniteDifferenceHessian(CurvatureOperator):
@@ -217,28 +269,44 @@ class FiniteDifferenceHessian(CurvatureOperator):
 class GaussNewton(CurvatureOperator):
     """Jᵀ (∇²_out ℓ) J v + ∇²(param_loss) v, with J the Jacobian of the outputs w.r.t. θ.
 
-    The forward pass, the output-space gradient (with graph) and the parameter-loss gradient are built once; each
-    product is one J·v (forward AD or finite difference), one output-space double backward (cheap: no model in it)
-    and one backward through the kept forward graph.
+    The forward pass (its graph kept), the output-space curvature and the parameter-loss gradient are set up once;
+    each product is one J·v, one output-space product (closed form when the objective provides ``output_hvp``,
+    else a double backward through the loss alone) and one backward through the kept forward graph. J·v is the
+    double-backward trick on the kept graph (``exact``) or a central difference of two forwards
+    (``finite_difference``: works with fused kernels).
     """
 
     def __init__(self, objective, jvp_method: str, eps: float):
         super().__init__(objective)
-        self.name = f"{'exact' if jvp_method == 'forward_ad' else 'finite_difference'}/gauss_newton"
+        self.name = f"{'exact' if jvp_method == 'double_backward' else 'finite_difference'}/gauss_newton"
         self.jvp_method, self.eps = jvp_method, eps
-        self._out = objective.forward(None)
-        self._leaf = self._out.detach().requires_grad_(True)
-        self._grad_out = torch.autograd.grad(objective.output_loss(self._leaf), self._leaf, create_graph=True)[0]
+        self._kept = _KeptForward(objective.forward(None), self.params)
+        self._leaf = self._kept.out.detach()
+        self._output_hvp = objective.output_hvp(self._leaf) if objective.output_hvp is not None else None
+        if self._output_hvp is None:
+            self._leaf.requires_grad_(True)
+            self._grad_out = torch.autograd.grad(objective.output_loss(self._leaf), self._leaf, create_graph=True)[0]
         self._param_grads = None
         if objective.param_loss is not None:
             grads = torch.autograd.grad(objective.param_loss(self.params), self.params, create_graph=True,
                                         allow_unused=True)
             self._param_grads = list(grads)
 
+    def output_jvp(self, v):
+        if self.jvp_method == "double_backward":
+            return self._kept.jvp(v)
+        return jvp(self.objective.forward, self.params, v, self.jvp_method, self.eps)
+
+    def outputs(self):
+        return self._leaf.detach()
+
     def _apply(self, v):
-        jv = jvp(self.objective.forward, self.params, v, self.jvp_method, self.eps)
-        w = torch.autograd.grad(self._grad_out, self._leaf, grad_outputs=jv.to(self._leaf.dtype), retain_graph=True)[0]
-        out = _grads(self._out, self.params, grad_outputs=w, retain_graph=True)
+        jv = self.output_jvp(v).to(self._leaf.dtype)
+        if self._output_hvp is not None:
+            w = self._output_hvp(jv)
+        else:
+            w = torch.autograd.grad(self._grad_out, self._leaf, grad_outputs=jv, retain_graph=True)[0]
+        out = self._kept.vjp(w)
         if self._param_grads is not None:
             live = [i for i, g in enumerate(self._param_grads) if g is not None and g.requires_grad]
             extra = torch.autograd.grad([self._param_grads[i] for i in live], [self.params[i] for i in live],
@@ -250,7 +318,8 @@ class GaussNewton(CurvatureOperator):
         return out
 
     def close(self):
-        self._out = self._leaf = self._grad_out = self._param_grads = None
+        self._kept = self._leaf = self._output_hvp = self._param_grads = None
+        self._grad_out = None
 
 
 class DataParallelMean(CurvatureOperator):
@@ -263,6 +332,12 @@ class DataParallelMean(CurvatureOperator):
 
     def _apply(self, v):
         return all_reduce_mean_tensors(self.inner(v), self.group)
+
+    def output_jvp(self, v):
+        return self.inner.output_jvp(v)  # this rank's outputs: not reduced
+
+    def outputs(self):
+        return self.inner.outputs()
 
     def close(self):
         self.inner.close()
@@ -298,7 +373,7 @@ def build_operator(objective: Objective, engine: str, curvature: str = "hessian"
     if curvature == "hessian":
         op = ExactHessian(objective) if engine == "exact" else FiniteDifferenceHessian(objective, fd_eps)
     elif curvature == "gauss_newton":
-        op = GaussNewton(objective, "forward_ad" if engine == "exact" else "finite_difference", fd_eps)
+        op = GaussNewton(objective, "double_backward" if engine == "exact" else "finite_difference", fd_eps)
     else:
         raise ValueError(f"unknown curvature {curvature!r}")
     if engine not in ("exact", "finite_difference"):
@@ -374,6 +449,6 @@ def resolve_engine(hvp_engine: str, mixed_term: str, curvature: str, *, attentio
     elif mixed_term == "jvp" and exact_blockers:
         raise ValueError("bilevel.mixed_term=jvp needs forward-mode AD, impossible with " + "; ".join(exact_blockers)
                          + ": use finite_difference")
-    if (engine == "exact" and curvature == "gauss_newton") or mixed_term == "jvp":
-        compat.enable_forward_ad()
+    if mixed_term == "jvp":
+        compat.enable_forward_ad()  # the fallback when the operator cannot give J·z from its kept graph
     return EngineChoice(engine, mixed_term, reason)

@@ -34,6 +34,7 @@ from megatron_bliss.bilevel.losses import (
     sequence_weights,
     validation_loss,
     weighted_lm_objective,
+    weighted_lm_output_hvp,
 )
 from megatron_bliss.models.gpt import gpt_logits
 from megatron_bliss.ops import reference as ref
@@ -127,12 +128,15 @@ def lower_level_objective(proxy, tokens, weights, target_logits, config: Bilevel
     def output_loss(logits):
         return weighted_lm_objective(logits, labels, weights, target_logits, config.kl_coef, dp_size)[0]
 
+    def output_hvp(logits):
+        return weighted_lm_output_hvp(logits, weights, config.kl_coef, target_logits is not None, dp_size)
+
     param_loss = None
     if config.l2_coef:
         param_loss = lambda params: config.l2_coef * ref.squared_norm(params)  # noqa: E731
     return hvp_mod.Objective(params=list(proxy.parameters()),
                              forward=hvp_mod.module_forward(proxy, lambda m: gpt_logits(m, inputs)),
-                             output_loss=output_loss, param_loss=param_loss)
+                             output_loss=output_loss, param_loss=param_loss, output_hvp=output_hvp)
 
 
 def solve_z(operator, g, config: BilevelConfig, z_init=None, compute_residual: bool = True) -> solvers.SolveResult:
@@ -159,6 +163,15 @@ def per_sample_directional(proxy, inputs, labels, z, method: str, eps: float) ->
     per_sample = lambda tensors: ref.sequence_cross_entropy(forward(tensors), labels)  # noqa: E731
     jvp_method = "forward_ad" if method == "jvp" else "finite_difference"
     return hvp_mod.jvp(per_sample, list(proxy.parameters()), z, jvp_method, eps, with_primal=True)
+
+
+def per_sample_directional_from_outputs(logits, jv, labels) -> tuple:
+    """``(CE [b], c [b])`` from the outputs at θ and their directional derivative J·z: c_i = Σ_t ⟨∂CE_i/∂z_t, (Jz)_t⟩
+    (one softmax pass; no model pass)."""
+    leaf = logits.detach().requires_grad_(True)
+    ce = ref.sequence_cross_entropy(leaf, labels)
+    (grad,) = torch.autograd.grad(ce.sum(), leaf)  # position t of sequence i only enters CE_i
+    return ce.detach(), (grad * jv.to(grad.dtype)).sum(dim=(1, 2))
 
 
 def per_sample_directional_loop(proxy, inputs, labels, z) -> tuple:
@@ -240,17 +253,21 @@ def score_hypergradient(score_model, proxy, train_batch, val_batch, target_logit
                                       group=group if global_solve else None)
     try:
         solve = solve_z(operator, g, config, z_init, compute_residual)
+        z = solve.z if global_solve else hvp_mod.all_reduce_mean_tensors(solve.z, group)
+        timings["solve"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        loop = choice.mixed_term == "loop"
+        exact_jvp = choice.mixed_term == "jvp" and choice.engine == "exact"
+        jz = operator.output_jvp(z) if exact_jvp else None
+        if loop:
+            ce, c = per_sample_directional_loop(proxy, inputs, labels, z)
+        elif jz is not None:  # J·z from the graph the operator kept for the solve
+            ce, c = per_sample_directional_from_outputs(operator.outputs(), jz, labels)
+        else:
+            ce, c = per_sample_directional(proxy, inputs, labels, z, choice.mixed_term, config.fd_eps)
     finally:
         operator.close()
-    z = solve.z if global_solve else hvp_mod.all_reduce_mean_tensors(solve.z, group)
-    timings["solve"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    loop = choice.mixed_term == "loop"
-    if loop:
-        ce, c = per_sample_directional_loop(proxy, inputs, labels, z)
-    else:
-        ce, c = per_sample_directional(proxy, inputs, labels, z, choice.mixed_term, config.fd_eps)
     c = c.detach().to(weights.dtype)
     c_bar = (weights * c).sum()
     if dp > 1:

@@ -130,6 +130,30 @@ def weighted_lm_objective(logits: torch.Tensor, labels: torch.Tensor, weights: t
     return loss, ce, kl
 
 
+def weighted_lm_output_hvp(logits: torch.Tensor, weights: torch.Tensor, gamma: float, has_target: bool,
+                           dp_size: int = 1):
+    """Closed-form ``w ↦ ∇²_logits (R Σ P_i CE_i + γ KL) · w`` at ``logits`` (TP=1), for Gauss-Newton products.
+
+    Every position's cross-entropy and KL(p_target ‖ softmax(z)) have the same logit Hessian diag(q) − q qᵀ with
+    q = softmax(z) (the target's probabilities sum to one), so position t of sequence i contributes
+    ``(R P_i / n + γ / (b n)) (q ⊙ w − q (q · w))``, n = positions per sequence. Matches the double backward of
+    :func:`weighted_lm_objective` (tested); it costs two passes over the logits instead of a double backward.
+    """
+    b, n = logits.shape[:2]
+    q = torch.softmax(logits.detach().to(torch.float32 if logits.dtype in (torch.float16, torch.bfloat16)
+                                        else logits.dtype), dim=-1)
+    coeff = dp_size * weights.detach().to(q.dtype) / n
+    if gamma and has_target:
+        coeff = coeff + gamma / (b * n)
+    coeff = coeff.view(b, 1, 1)
+
+    def product(w: torch.Tensor) -> torch.Tensor:
+        w = w.to(q.dtype)
+        return coeff * q * (w - (q * w).sum(dim=-1, keepdim=True))
+
+    return product
+
+
 def lower_level_loss(proxy, score_model, tokens: torch.Tensor, target_logits: Optional[torch.Tensor], *,
                      gamma: float, reg: float, normalizer: Optional[Normalizer] = None, group=None,
                      scores: Optional[torch.Tensor] = None, tp_group=None) -> LowerLevelLoss:

@@ -98,13 +98,13 @@ def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor], dim=None) -
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group=None) -> torch.Tensor:
     """Per-token cross-entropy ``[b, n]`` of ``logits`` ``[b, n, V(/tp)]`` against ``labels`` ``[b, n]``:
-    ``logsumexp(z) - z_label``.
+    ``-log_softmax(z)[label]`` (at TP>1 ``logsumexp(z) - z_label`` over the shards).
 
     Twice differentiable at TP=1. At TP>1 the labels are global vocabulary ids and each rank holds one shard.
     """
     logits = _upcast(logits)
-    if _tp_size(tp_group) == 1:
-        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if _tp_size(tp_group) == 1:  # log_softmax's backward is about twice as fast as logsumexp's on CPU
+        return -F.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     else:
         shard = logits.shape[-1]
         local = labels - dist.get_rank(tp_group) * shard
@@ -140,14 +140,16 @@ def token_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_ma
 def token_kl_target_proxy(target_logits: torch.Tensor, proxy_logits: torch.Tensor, tp_group=None) -> torch.Tensor:
     """Per-position KL(p_target ‖ p_proxy) ``[b, n]``, summed over the vocabulary; the target is detached.
 
-    Written as ``Σ_v p_t,v (log p_t,v - z_v) + logsumexp(z)`` (Σ_v p_t,v = 1), so that at TP>1 only linear shard
-    terms are reduced.
+    At TP>1 it is written as ``Σ_v p_t,v (log p_t,v - z_v) + logsumexp(z)`` (Σ_v p_t,v = 1), so that only linear
+    shard terms are reduced.
     """
     with torch.no_grad():
         target = _upcast(target_logits)
         logp_target = target - logsumexp(target, tp_group).unsqueeze(-1)
         p_target = logp_target.exp()
     proxy = _upcast(proxy_logits)
+    if _tp_size(tp_group) == 1:
+        return (p_target * (logp_target - F.log_softmax(proxy, dim=-1))).sum(dim=-1)
     partial = (p_target * (logp_target - proxy)).sum(dim=-1)
     return _reduce_over_vocab(partial, tp_group) + logsumexp(proxy, tp_group)
 

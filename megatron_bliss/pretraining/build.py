@@ -59,8 +59,11 @@ def build_model_and_optimizer(cfg) -> BuiltModel:
     dtype = resolve_dtype(cfg.train.precision)
     bf16 = dtype == torch.bfloat16
     overrides = {}
+    if torch.cuda.is_available():
+        # megatron-core's own jit-fused bias+GELU and bias+dropout+add: CUDA-only, no Transformer Engine needed
+        overrides.update(bias_activation_fusion=True, bias_dropout_fusion=True)
     if cfg.train.recompute_activations:
-        overrides = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     chunks = build_gpt_chunks(cfg.model, params_dtype=dtype, **overrides)
     config = chunks[0].config
     modules = [Float16Module(config, c) for c in chunks] if bf16 else chunks

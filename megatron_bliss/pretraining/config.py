@@ -100,8 +100,8 @@ class CheckpointConfig:
     keep_last: Optional[int] = None
     """Keep only the newest this many checkpoints; None keeps all."""
     save_initial: bool = False
-    """Also save the starting weights as iter_0000000 before step 1 (a common start for runs under other layouts:
-    with pipeline parallelism each stage draws its initial weights from its own random stream)."""
+    """Also save the starting weights (only) as iter_0000000 before step 1, for other runs to start from with
+    load_weights_only (with pipeline parallelism each stage draws its initial weights from its own stream)."""
 
     def __post_init__(self):
         if self.save_interval is not None and self.save_interval < 1:

@@ -96,7 +96,9 @@ class PretrainTrainer(Stateful):
                    disable=not (parallel.is_rank0() and cfg.logging.progress_bar))
         metrics: dict = {}
         if cfg.checkpoint.save_dir and cfg.checkpoint.save_initial and self.step == 0:
-            self.save()
+            # weights only and no latest marker: a starting point for other runs (checkpoint.load_weights_only)
+            save_checkpoint(ckpt.iteration_dir(cfg.checkpoint.save_dir, 0), self.chunks, cfg.model, "target",
+                            extra_metadata={"step": 0})
         try:
             while self.step < self.train_steps:
                 metrics = self.train_step()
@@ -232,10 +234,22 @@ class PretrainTrainer(Stateful):
             self._create_optimizer_state()
         meta = load_checkpoint(path, self.chunks, self.cfg.model, "target", optimizer=self.optimizer,
                                load_common=True)
+        if self.cfg.optim.use_distributed_optimizer:
+            self._unshare_adam_steps()
         common = meta["common"]
         self.load_state_dict(common["trainer"])
         ckpt.restore_rng_states(common.get("rng", []), common.get("layout", {}), self._layout())
         logger.info("resumed from %s at step %d", path, self.step)
+
+    def _unshare_adam_steps(self) -> None:
+        """megatron-core 0.16's distributed optimizer, loading into plain torch AdamW (no TE/Apex), gives every
+        parameter the same ``step`` tensor; AdamW increments it in place once per parameter, which would corrupt
+        the bias correction from the first resumed step on. Give each parameter its own copy."""
+        optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        for opt in optimizers:
+            for state in opt.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
 
     def _create_optimizer_state(self) -> None:
         """One zero-gradient, zero-lr step: torch.optim creates Adam state lazily, and the distributed optimizer's

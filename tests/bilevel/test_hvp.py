@@ -100,6 +100,20 @@ def test_jvp_methods_agree(setup):
     exact = H.jvp(obj.forward, obj.params, v, "forward_ad")
     fd = H.jvp(obj.forward, obj.params, v, "finite_difference", eps=1e-4)
     assert _rel(fd, exact) < 1e-6
+    for curvature in ("hessian", "gauss_newton"):  # J·v from the operators' kept graphs (double-backward trick)
+        op = H.build_operator(obj, "exact", curvature)
+        assert _rel(op.output_jvp(v), exact) < 1e-10
+        torch.testing.assert_close(op.outputs(), obj.forward(None).detach())
+        op.close()
+
+
+def test_closed_form_output_hessian_matches_double_backward(setup):
+    obj = setup["obj"]
+    out = obj.forward(None).detach().requires_grad_(True)
+    w = torch.randn_like(out)
+    grad = torch.autograd.grad(obj.output_loss(out), out, create_graph=True)[0]
+    expected = torch.autograd.grad(grad, out, grad_outputs=w)[0]
+    assert _rel(obj.output_hvp(out.detach())(w), expected) < 1e-12
 
 
 def test_resolve_engine_choices_and_errors():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megatron_bliss.bilevel import BilevelConfig, Normalizer, lower_level_loss, score_hypergradient, sequence_weights
+from megatron_bliss.bilevel.hypergradient import per_sample_directional
 from megatron_bliss.bilevel.losses import validation_loss
 from megatron_bliss.ops import reference as ref
 from tests.bilevel import tiny
@@ -75,6 +76,10 @@ def test_batched_mixed_term_equals_per_sample_loop(setup):
                              _exact_config(mixed_term="finite_difference", fd_eps=1e-4, **common))
     torch.testing.assert_close(jvp.c, loop.c, rtol=1e-10, atol=1e-12)
     assert _rel(jvp.grads, loop.grads) < 1e-10
+    # the forward-mode path (used when no operator graph is at hand) gives the same c_i
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    ce_fwd, c_fwd = per_sample_directional(proxy, inputs, labels, jvp.z, "jvp", 1e-4)
+    torch.testing.assert_close(c_fwd, jvp.c, rtol=1e-10, atol=1e-12)
     assert _rel(fd.grads, loop.grads) < 1e-6
     torch.testing.assert_close(jvp.ce, loop.ce)
     assert abs(float((jvp.weights * (jvp.c - jvp.c_bar)).sum())) < 1e-12  # Σ P_i (c_i − c̄) = 0 by construction
