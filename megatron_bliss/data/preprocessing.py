@@ -181,6 +181,7 @@ def preprocess(cfg: DataConfig) -> dict:
             logger.info("%s: already complete with these settings; nothing to do", manifest_path(cfg.output_prefix))
             return manifest
         logger.warning("%s exists with other settings or inputs: redoing it", manifest_path(cfg.output_prefix))
+        os.remove(manifest_path(cfg.output_prefix))  # until the redo completes, nothing may look finished
     parts_dir = cfg.output_prefix + ".parts"
     settings = _settings(cfg, tok["sha256"] if tok else None, dtype, parquet)
     parts: dict[str, Part] = {}
