@@ -253,7 +253,7 @@ def _manifest(cfg: DataConfig, parts: list[Part], written: dict, tok: dict | Non
 def _log_summary(manifest: dict) -> None:
     counts, skipped = manifest["counts"], {k: v for k, v in manifest["skipped"].items() if v}
     seconds = manifest["run"]["seconds"]
-    logger.info("%d documents -> %d %s entries, %d tokens in %d shard(s); dropped tail %d tokens; %.1f s "
+    logger.info("%d documents -> %d stored %s, %d tokens in %d shard(s); dropped tail %d tokens; %.1f s "
                 "(%.0f docs/s)", counts["documents"], counts["sequences"], manifest["mode"], counts["tokens"],
                 len(manifest["shards"]), counts["dropped_tail_tokens"], seconds,
                 counts["documents"] / max(seconds, 1e-9))
