@@ -14,6 +14,7 @@ This module owns reading raw input and classifying bad input. Nothing here token
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import zlib
@@ -120,8 +121,6 @@ def read_line_chunks(path: str, chunk_bytes: int = 1 << 20, status: ReadStatus |
         ``(first_line, blob, raw_bytes)``: the 1-based number of the blob's first line, the blob (whole lines,
         newline-terminated except possibly the file's last line), and the on-disk bytes consumed since the last blob.
     """
-    import hashlib
-
     status = status if status is not None else ReadStatus()
     digest = hashlib.sha256()
     gz = path.endswith(".gz")

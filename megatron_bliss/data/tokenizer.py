@@ -137,9 +137,9 @@ def build_tokenizer(path: str, eod_token: str | None = None) -> SentencePieceTok
         if path.endswith(".json") or starts_json:
             return HFTokenizer(path, eod_token)
         return SentencePieceTokenizer(path)
-    except (RuntimeError, OSError, Exception) as exc:  # both libraries raise bare RuntimeError/Exception on bad files
-        if isinstance(exc, ValueError):
-            raise
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - both libraries raise bare RuntimeError/Exception on bad files
         raise ValueError(f"tokenizer {path!r}: cannot be loaded as SentencePiece or tokenizer.json ({exc})") from exc
 
 
