@@ -79,6 +79,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_bliss", "megatron_bliss.*"]),
+    package_data={"megatron_bliss.data": ["assets/*.model"]},
     install_requires=[
         "torch>=2.4,<2.15",
         "megatron-core>=0.16,<0.17",
