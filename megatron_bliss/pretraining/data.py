@@ -37,7 +37,8 @@ class PretrainDataConfig:
     train_weights: Optional[list[float]] = None
     """Blend weights, one per prefix (normalized); None weighs each prefix by its number of sequences."""
     valid_prefix: Optional[str] = None
-    """Validation prefix; a ``PREFIX_loss_mask`` dataset beside it, when present, restricts the loss to its 1s."""
+    """Validation prefix (``tools/prepare_validation.py`` output: loss on the target spans only; any other
+    indexed dataset: loss on every token)."""
     seed: int = 1234
     """Sampling seed (blend order and per-epoch permutations)."""
 
@@ -56,25 +57,21 @@ def open_sequences(prefix: str, sample_length: Optional[int] = None) -> np.ndarr
     """``[N, L]`` read-only token view of a sequences-mode dataset; checks ``L == sample_length`` when given.
 
     Raises:
-        FileNotFoundError naming the prefix; ValueError when lengths differ or do not match the model.
+        FileNotFoundError naming the prefix; ValueError when the dataset is empty, not in sequences mode, or its
+        stored length does not fit the model.
     """
-    from megatron_bliss.data.indexed import IndexedReader
+    from megatron_bliss.data.sequences import read_sequences
 
-    reader = IndexedReader.open(prefix)
-    n = len(reader)
-    if n == 0:
+    sequences = read_sequences(prefix)
+    if sequences.shape[0] == 0:
         raise ValueError(f"{prefix}: the dataset holds no sequences")
-    sizes = np.asarray(reader.sizes)
-    length = int(sizes[0])
-    if not (sizes == length).all():
-        raise ValueError(f"{prefix}: sequences have different lengths ({sizes.min()}..{sizes.max()}); pretraining "
-                         f"needs a sequences-mode dataset (tools/preprocess_c4.py --mode sequences)")
+    length = sequences.shape[1]
     if sample_length is not None and length != sample_length:
         raise ValueError(
             f"{prefix}: stored sequences have {length} tokens, but model.seq_length={sample_length - 1} needs "
             f"{sample_length} (inputs and labels are the sequence shifted by one): preprocess with "
             f"--seq-length {sample_length} or set model.seq_length={length - 1}")
-    return reader.tokens[: n * length].reshape(n, length)
+    return sequences
 
 
 class BlendedSampler:
@@ -203,27 +200,35 @@ class SyntheticBatches:
 def open_validation(prefix: str, sample_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Validation sequences ``[N, sample_length]`` and loss masks (1 = token is a prediction target).
 
-    Sequences shorter than ``sample_length`` are right-padded with mask 0 (causal attention never looks right);
-    longer ones keep their last ``sample_length`` tokens, which hold the scored continuation. The mask comes from a
-    ``PREFIX_loss_mask`` indexed dataset with the same lengths when it exists, else every token counts.
+    A set written by ``tools/prepare_validation.py`` (``PREFIX.targets.npy`` beside it) scores only each example's
+    target span (LAMBADA: the last word); any other indexed dataset scores every token. Shorter examples are
+    right-padded with mask 0 (causal attention never looks right); longer ones keep their last
+    ``sample_length`` tokens, which hold the target.
     """
-    from megatron_bliss.data.indexed import IndexedReader, exists
+    import os
+
+    from megatron_bliss.data.indexed import IndexedReader
 
     reader = IndexedReader.open(prefix)
-    mask_prefix = prefix + "_loss_mask"
-    masks = IndexedReader.open(mask_prefix) if exists(mask_prefix) else None
-    if masks is not None and not np.array_equal(np.asarray(masks.sizes), np.asarray(reader.sizes)):
-        raise ValueError(f"{mask_prefix}: lengths differ from those of {prefix}")
-    n = len(reader)
-    if n == 0:
+    lengths = np.asarray(reader.sizes, dtype=np.int64)
+    if lengths.size == 0:
         raise ValueError(f"{prefix}: the validation dataset holds no sequences")
-    tokens = np.zeros((n, sample_length), dtype=np.int64)
-    mask = np.zeros((n, sample_length), dtype=np.float32)
-    for i in range(n):
-        seq = np.asarray(reader[i])[-sample_length:]
-        m = np.asarray(masks[i])[-sample_length:] if masks is not None else np.ones(seq.shape[0])
-        tokens[i, :seq.shape[0]] = seq
-        mask[i, :seq.shape[0]] = m
+    if os.path.exists(prefix + ".targets.npy"):
+        from megatron_bliss.data.validation import load_validation_set
+
+        full_tokens, full_mask = load_validation_set(prefix)
+    else:
+        width = int(lengths.max())
+        full_tokens = np.zeros((lengths.size, width), dtype=np.int64)
+        full_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.float32)
+        for i in range(lengths.size):
+            full_tokens[i, :lengths[i]] = reader[i]
+    tokens = np.zeros((lengths.size, sample_length), dtype=np.int64)
+    mask = np.zeros((lengths.size, sample_length), dtype=np.float32)
+    for i, n in enumerate(lengths):
+        lo = max(0, int(n) - sample_length)
+        tokens[i, :n - lo] = full_tokens[i, lo:n]
+        mask[i, :n - lo] = full_mask[i, lo:n]
     return tokens, mask
 
 

@@ -8,25 +8,26 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT, run_torchrun
-from tests.pretraining.textdata import write_text_dataset, write_validation_dataset
+from tests.pretraining.textdata import VOCAB_SIZE, build_text_data
 
 SEQ = 16  # positions the model sees; stored sequences hold SEQ + 1 byte tokens
 
 
 @pytest.fixture(scope="session")
 def text_data(tmp_path_factory):
-    """``{"train": prefix, "valid": prefix}``: 3,000 training and 32 held-out validation sequences of real text."""
-    root = tmp_path_factory.mktemp("text")
-    return {"train": write_text_dataset(str(root / "train"), SEQ + 1, 3000),
-            "valid": write_validation_dataset(str(root / "valid"), SEQ + 1, 32, offset=20000)}
+    """``{"train": prefix, "valid": prefix}``: the C4-format sample as 17-token sequences, LAMBADA-style validation."""
+    return build_text_data(str(tmp_path_factory.mktemp("text")), SEQ + 1)
 
 
 def common_args(text_data, save_dir, steps, **extra) -> list[str]:
     """Overrides of a debug-preset run on ``text_data`` (global batch 8 of micro-batches of 2)."""
-    args = {"model.preset": "debug", "model.num_layers": 4, "model.seq_length": SEQ,
+    args = {"model.preset": "debug", "model.num_layers": 4, "model.seq_length": SEQ, "model.vocab_size": VOCAB_SIZE,
+            # rows padded to a multiple of 32 x TP: 8,000 at TP=1 and TP=2, so both draw the same initial weights
+            # and take the softmax over the same rows (checkpoints load across paddings either way)
+            "model.make_vocab_size_divisible_by": 32,
             "data.train_prefixes": f"[{text_data['train']}]", "data.valid_prefix": text_data["valid"],
             "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.train_steps": steps,
-            "train.eval_interval": 4, "schedule.warmup_steps": 2, "optim.lr": 3e-3,
+            "train.eval_interval": 4, "train.eval_batches": 4, "schedule.warmup_steps": 2, "optim.lr": 3e-3,
             "checkpoint.save_dir": save_dir, "checkpoint.save_interval": 2, "logging.progress_bar": False,
             "logging.tensorboard": False}
     args.update(extra)
