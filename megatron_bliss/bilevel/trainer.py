@@ -41,7 +41,7 @@ from megatron_bliss.bilevel.hvp import all_reduce_mean_tensors
 from megatron_bliss.bilevel.hypergradient import choose_engine, score_hypergradient
 from megatron_bliss.bilevel.losses import Normalizer, lower_level_loss, validation_loss
 from megatron_bliss.log import MetricsWriter
-from megatron_bliss.models.checkpoint import load_model, save_model
+from megatron_bliss.models.checkpoint import METADATA_FILE, load_model, save_checkpoint
 from megatron_bliss.models.gpt import build_gpt, gpt_logits
 from megatron_bliss.models.score import ScoreModel
 
@@ -126,7 +126,8 @@ class BilevelTrainer:
                 self.metrics.log(self.step, last)
                 parallel.log_rank0("step %d/%d val %.4f G %.4f z-res %s entropy %.4f spread %.4f (%.2fs)",
                                    self.step, b.outer_steps, last["val_loss"], last["lower_loss"],
-                                   last.get("z_residual"), last["weight_entropy"], last["score_std"],
+                                   "-" if last.get("z_residual") is None else f"{last['z_residual']:.3g}",
+                                   last["weight_entropy"], last["score_std"],
                                    last["time_outer"])
             if self.step % b.save_interval == 0 or self.step == b.outer_steps:
                 self.save()
@@ -361,9 +362,15 @@ class BilevelTrainer:
         return True
 
     def export_score(self) -> str:
-        """Saves the trained score model (dist-checkpointing, role ``score``) to ``output_dir/score``."""
+        """Saves the trained score model (dist-checkpointing, role ``score``) to ``output_dir/score``; a finished
+        export of this step is kept (a rerun of a finished round does nothing)."""
         path = os.path.join(self.cfg.bilevel.output_dir, "score")
-        save_model(path, self.score, self.cfg.proxy, "score")
+        meta = os.path.join(path, METADATA_FILE)
+        if os.path.isfile(meta):
+            with open(meta) as f:
+                if json.load(f).get("step") == self.step:
+                    return path
+        save_checkpoint(path, self.score, self.cfg.proxy, "score", extra_metadata={"step": self.step})
         return path
 
     def _dump_config(self) -> None:

@@ -36,10 +36,15 @@ def _proxy_config():
 def _cli(config_path, *overrides, wait=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "megatron_bliss.bilevel", "--config", str(config_path), *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if wait:
+    for _ in range(3):  # a free port picked for the process group can be taken by another process before binding
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        if not wait:
+            return proc
         out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-4000:]
+        if proc.returncode == 0 or "EADDRINUSE" not in out:
+            break
+    assert proc.returncode == 0, out[-4000:]
     return proc
 
 
