@@ -202,6 +202,9 @@ class PretrainTrainer(Stateful):
         if self._saved_step == self.step:
             return
         save_dir = self.cfg.checkpoint.save_dir
+        if self.cfg.optim.overlap_param_gather:
+            for chunk in self.model:  # the all-gather of updated shards is otherwise deferred to the next forward
+                chunk.start_param_sync(force_sync=True)
         common = {"trainer": self.state_dict(), "rng": ckpt.gather_rng_states(), "layout": self._layout()}
         save_checkpoint(ckpt.iteration_dir(save_dir, self.step), self.chunks, self.cfg.model, "target",
                         optimizer=self.optimizer, common_state=common,
