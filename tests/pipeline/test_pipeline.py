@@ -37,10 +37,14 @@ def _args(data_dir, run_dir, *extra):
             f"--data.valid_prefix={data_dir / 'lambada'}", *extra]
 
 
-def _start(data_dir, run_dir, *extra):
+def _start(data_dir, run_dir, *extra, log=None):
+    """The pipeline in its own process group, as a scheduler runs a job step (a kill takes the checkpoint writers
+    megatron-core forks along with it)."""
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
+    out = open(log, "a") if log else subprocess.PIPE
     return subprocess.Popen([sys.executable, "-m", "megatron_bliss.pipeline", *_args(data_dir, run_dir, *extra)],
-                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def _finished(run_dir) -> int:
@@ -79,15 +83,16 @@ def test_sigkill_in_each_phase_then_rerun_matches_uninterrupted(data_dir, tmp_pa
     for target in range(num_phases):  # kill while phase `target` runs (or the first one after it that is slow enough)
         if _finished(run_dir) > target:
             continue
-        proc = _start(data_dir, run_dir)
+        proc = _start(data_dir, run_dir, log=tmp_path / "killed.log")
         deadline = time.time() + 600
         while _finished(run_dir) < target and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         time.sleep(1.5 if target else 6.0)  # into the phase (the first run also pays for its imports)
         if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
-        proc.communicate()
+        proc.wait(timeout=60)
+        assert proc.returncode in (0, -signal.SIGKILL), open(tmp_path / "killed.log").read()[-6000:]
         # a kill never leaves a finished-looking phase whose outputs are missing
         assert not any(p.endswith(".tmp") for p in os.listdir(run_dir)) if os.path.isdir(run_dir) else True
     assert kills >= 5
