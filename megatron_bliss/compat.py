@@ -157,13 +157,16 @@ def _patch_distrib_optimizer_loading() -> None:
 
     @functools.wraps(original)
     def patched(self, model_param, tensors):
-        tensors = {k: v for k, v in tensors.items() if k != "step" or v is not None}
+        # megatron copies every key the optimizer holds; torch's AdamW keeps a per-parameter `step` that a
+        # checkpoint of the fully-reshardable format does not carry: keep the current value for missing keys
+        tensors = {k: v for k, v in tensors.items() if v is not None}
+        if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            for key, value in self.optimizer.state[main_param].items():
+                tensors.setdefault(key, value)
         with torch.no_grad():
-            try:
-                return original(self, model_param, tensors)
-            except KeyError:
-                # torch.optim keeps `step` per parameter; a torch-optim checkpoint may lack a key megatron expects
-                return original(self, model_param, {k: v for k, v in tensors.items() if k != "step"})
+            return original(self, model_param, tensors)
 
     patched._megatron_bliss_patched = True
     dopt.DistributedOptimizer._set_main_param_and_optimizer_states = patched

@@ -67,14 +67,8 @@ def _check_distributed_optimizer_resume(text_data, tmp_path, run_dir, layout, re
     resumed.mkdir()
     shutil.copytree(os.path.join(run_dir, "iter_0000002"), resumed / "iter_0000002")
     (resumed / "latest_checkpointed_iteration.txt").write_text("2\n")
-    try:
-        run_pretrain(common_args(text_data, str(resumed), 4, **layout), nproc=2)
-        _assert_same_losses(losses(resumed), ref, [3, 4], tol=2e-5)
-    except AssertionError as exc:
-        if "KeyError: 'step'" in str(exc):
-            # compat's S6 shim must skip the per-parameter `step` the checkpoint lacks (fix pending in compat.py)
-            pytest.xfail("distributed-optimizer loading needs the compat.py S6 fix for torch AdamW's `step`")
-        raise
+    run_pretrain(common_args(text_data, str(resumed), 4, **layout), nproc=2)
+    _assert_same_losses(losses(resumed), ref, [3, 4], tol=2e-5)
 
 
 def test_resume_tp1_checkpoint_under_pp2(reference, text_data, tmp_path):
