@@ -102,6 +102,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "megatron-bliss=megatron_bliss.cli:main",
             "megatron-bliss-pretrain=megatron_bliss.pretrain:main",
         ]
     },

@@ -201,16 +201,18 @@ def dump(cfg, path: str) -> None:
     os.replace(tmp, path)
 
 
-def parse_cli(cls: Type[T], argv: Optional[Sequence[str]] = None, description: str = "") -> T:
-    """``--config FILE`` plus ``--section.key=value`` overrides from ``argv`` (default ``sys.argv[1:]``)."""
+def parse_cli(cls: Type[T], argv: Optional[Sequence[str]] = None, description: str = "",
+              prog: Optional[str] = None) -> T:
+    """``--config FILE`` plus ``--section.key=value`` overrides from ``argv`` (default ``sys.argv[1:]``); a bad
+    file, key or value exits with a usage error naming it."""
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(description=description,
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      epilog="Any config field can be overridden as --section.key=value.")
     parser.add_argument("--config", help="YAML file layered over the defaults")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         return load_config(cls, args.config, rest)
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:
         parser.error(str(exc))

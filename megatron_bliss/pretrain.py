@@ -9,8 +9,6 @@ tear down. ``megatron-bliss-pretrain`` is the same command as a console script.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import warnings
 from typing import Optional, Sequence
 
@@ -18,24 +16,16 @@ from typing import Optional, Sequence
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs one pretraining job; returns the process exit code."""
     from megatron_bliss import parallel
-    from megatron_bliss.config import ConfigError, load_config
+    from megatron_bliss.config import parse_cli
     from megatron_bliss.log import setup_logging
     from megatron_bliss.pretraining.config import PretrainRunConfig
 
-    parser = argparse.ArgumentParser(prog="megatron-bliss-pretrain", description=__doc__.split("\n\n")[0],
-                                     epilog="Any config field can be overridden as --section.key=value.")
-    parser.add_argument("--config", help="YAML file layered over the defaults")
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_config(PretrainRunConfig, args.config, rest)
-    except (ConfigError, ValueError) as exc:
-        parser.error(str(exc))
+    cfg = parse_cli(PretrainRunConfig, argv, __doc__.split("\n\n")[0], prog="megatron-bliss-pretrain")
     setup_logging(cfg.logging.level)
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
     from megatron_bliss.pretraining.trainer import PretrainTrainer
 
-    trainer = PretrainTrainer(cfg)
-    trainer.train()
+    PretrainTrainer(cfg).train()
     parallel.destroy()
     return 0
 

@@ -11,8 +11,6 @@ A plain ``python -m megatron_bliss.bilevel ...`` is a world of one. Rerunning th
 
 from __future__ import annotations
 
-import argparse
-import sys
 import warnings
 from typing import Optional, Sequence
 
@@ -21,17 +19,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parses the layered config, runs (or resumes) the round, tears down; returns the exit code."""
     from megatron_bliss import parallel
     from megatron_bliss.bilevel.config import BilevelRunConfig
-    from megatron_bliss.config import ConfigError, load_config
+    from megatron_bliss.config import parse_cli
     from megatron_bliss.log import setup_logging
 
-    parser = argparse.ArgumentParser(prog="python -m megatron_bliss.bilevel", description=__doc__.split("\n\n")[0],
-                                     epilog="Any config field can be overridden as --section.key=value.")
-    parser.add_argument("--config", help="YAML file layered over the defaults")
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_config(BilevelRunConfig, args.config, rest)
-    except (ConfigError, ValueError) as exc:
-        parser.error(str(exc))
+    cfg = parse_cli(BilevelRunConfig, argv, __doc__.split("\n\n")[0], prog="python -m megatron_bliss.bilevel")
     setup_logging()
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     from megatron_bliss.bilevel.trainer import run_bilevel
