@@ -432,7 +432,7 @@ def resolve_engine(hvp_engine: str, mixed_term: str, curvature: str, *, attentio
         if exact_blockers:
             engine, reason = "finite_difference", "exact products impossible: " + "; ".join(exact_blockers)
         else:
-            engine, reason = "exact", f"local attention at TP=1 supports double backward and forward AD"
+            engine, reason = "exact", "local attention at TP=1 supports double backward and forward AD"
     else:
         engine, reason = hvp_engine, "requested"
     if engine == "exact" and exact_blockers:

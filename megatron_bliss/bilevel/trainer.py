@@ -29,7 +29,6 @@ import math
 import os
 import shutil
 import time
-from typing import Optional
 
 import torch
 import torch.distributed as dist

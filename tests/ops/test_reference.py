@@ -1,8 +1,6 @@
 """Reference losses: values against torch's own losses, twice differentiability (gradgradcheck, float64), masks,
 and the vocabulary-parallel path (2 gloo processes) against the full-vocabulary result."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
