@@ -34,7 +34,9 @@ def _proxy_config():
 
 
 def _cli(config_path, *overrides, wait=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = {k: v for k, v in os.environ.items()  # a plain process: not this test process's rendezvous
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "megatron_bliss.bilevel", "--config", str(config_path), *overrides]
     for _ in range(3):  # a free port picked for the process group can be taken by another process before binding
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -201,6 +203,6 @@ def test_ranking_moves_toward_validation_domain(tmp_path, monkeypatch, single_pr
         with torch.no_grad():
             aucs[name] = realtext.auc(trainer.score.logit(torch.from_numpy(held_out)).numpy(), is_kjv)
     print("held-out KJV AUC:", aucs)
-    assert aucs["bliss"] > aucs["untrained"] + 0.15, aucs
-    assert aucs["flipped"] < aucs["untrained"] - 0.15, aucs
+    assert aucs["bliss"] > aucs["untrained"] + 0.25, aucs
+    assert aucs["flipped"] < aucs["untrained"] - 0.1, aucs
     assert aucs["bliss"] > 0.75, aucs
