@@ -206,3 +206,22 @@ def test_ranking_moves_toward_validation_domain(tmp_path, monkeypatch, single_pr
     assert aucs["bliss"] > aucs["untrained"] + 0.25, aucs
     assert aucs["flipped"] < aucs["untrained"] - 0.1, aucs
     assert aucs["bliss"] > 0.75, aucs
+
+
+def test_round_with_target_kl(tmp_path, single_process):
+    """γ > 0: the frozen target is loaded from its checkpoint, its logits enter G, and it stays frozen."""
+    pool, _ = realtext.domain_pool(0)
+    val = realtext.kjv_validation(str(tmp_path))
+    cfg = _proxy_config()
+    torch.manual_seed(3)
+    target = build_gpt(cfg)
+    save_model(str(tmp_path / "target"), target, cfg, "target")
+    trainer = BilevelTrainer(BilevelRunConfig(proxy=cfg, target=cfg, bilevel=BilevelConfig(
+        kl_coef=0.5, outer_steps=2, micro_batch_size=4, val_micro_batch_size=4, target=str(tmp_path / "target"),
+        output_dir=str(tmp_path / "kl"), save_interval=1000, eval_interval=0, tensorboard=False)), pool, val)
+    for a, b in zip(trainer.target.parameters(), target.parameters()):
+        assert torch.equal(a, b) and not a.requires_grad
+    metrics = trainer.outer_step()
+    assert metrics["lower_kl"] > 0 and np.isfinite(metrics["val_loss"])
+    with pytest.raises(ValueError, match="target"):
+        BilevelRunConfig(proxy=cfg, bilevel=BilevelConfig(kl_coef=0.5)).validate()
