@@ -99,6 +99,12 @@ class BilevelTrainer:
                                         b.micro_batch_size, dp_rank, dp_size, b.seed, device=device)
         self.val_stream = ValidationStream(val_data if val_data is not None else b.val_prefix,
                                            b.val_micro_batch_size, dp_rank, dp_size, b.seed, device=device)
+        checks = ((f"training sequences of {b.train_prefix or 'the given array'}", self.train_stream.sequences),
+                  (f"validation examples of {b.val_prefix or 'the given arrays'}", self.val_stream.tokens))
+        for what, array in checks:  # the model sees all but the last token of each
+            if array.shape[1] - 1 > cfg.proxy.seq_length:
+                raise ValueError(f"{what} have {array.shape[1]} tokens: the proxy would see {array.shape[1] - 1} "
+                                 f"but proxy.seq_length is {cfg.proxy.seq_length}")
         self.eval_set = self.val_stream.eval_batches(b.eval_batches)
         self.proxy_opt = build_adamw(self.proxy, b.proxy_lr, b)
         self.score_opt = build_adamw(self.score, b.score_lr, b)

@@ -225,3 +225,11 @@ def test_round_with_target_kl(tmp_path, single_process):
     assert metrics["lower_kl"] > 0 and np.isfinite(metrics["val_loss"])
     with pytest.raises(ValueError, match="target"):
         BilevelRunConfig(proxy=cfg, bilevel=BilevelConfig(kl_coef=0.5)).validate()
+
+
+def test_sequences_longer_than_the_model_are_refused(tmp_path, single_process):
+    pool, _ = realtext.domain_pool(0)
+    val = realtext.kjv_validation(str(tmp_path))
+    with pytest.raises(ValueError, match="proxy.seq_length is 16"):
+        BilevelTrainer(BilevelRunConfig(proxy=get_preset("debug", vocab_size=8000), bilevel=BilevelConfig(
+            kl_coef=0.0, output_dir=str(tmp_path / "r"), tensorboard=False)), pool, val)
