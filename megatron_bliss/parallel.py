@@ -103,12 +103,14 @@ def initialize(cfg: ParallelConfig) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         backend = cfg.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if "MASTER_ADDR" not in os.environ:
-            if world_size != 1:
-                raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is unset: launch with torchrun")
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+        init_method = None
+        if "WORLD_SIZE" not in os.environ:
+            # a plain process is a world of one: a private port, and nothing written to os.environ that a
+            # subprocess (another job) would inherit
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        elif "MASTER_ADDR" not in os.environ:
+            raise RuntimeError("WORLD_SIZE is set but MASTER_ADDR is not: launch with torchrun")
+        dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
     compat.apply_cpu_shims()
     if ps.model_parallel_is_initialized():
