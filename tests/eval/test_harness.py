@@ -1,0 +1,96 @@
+"""End to end through lm-evaluation-harness (skipped without it): a saved tiny target evaluated by ``run_eval`` on a
+local multiple-choice task and on the stock ``sciq`` task pointed at local files, and through the harness's model
+registry. No network: both tasks read files under tests/eval/assets."""
+
+import json
+import os
+import re
+
+import pytest
+
+lm_eval = pytest.importorskip(
+    "lm_eval", reason="lm-evaluation-harness is not installed (pip install 'megatron_bliss[eval]')")
+
+from megatron_bliss.config import load_config  # noqa: E402
+from megatron_bliss.eval.__main__ import EvalConfig, run_eval  # noqa: E402
+from megatron_bliss.models import save_model  # noqa: E402
+from tests.eval.conftest import tiny_config  # noqa: E402
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+
+@pytest.fixture(scope="module")
+def saved_target(tiny_target, tmp_path_factory):
+    """A save_dir holding ``iter_0000001`` and the run's config.yaml (whose model section the evaluation reads)."""
+    import yaml
+
+    from megatron_bliss.config import to_dict
+
+    model, _, cfg = tiny_target
+    save_dir = tmp_path_factory.mktemp("target")
+    save_model(str(save_dir / "iter_0000001"), model.float(), cfg, "target")
+    model.double()
+    with open(save_dir / "config.yaml", "w") as f:
+        yaml.safe_dump({"model": to_dict(cfg)}, f)
+    return save_dir
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    """The local tiny_mc task, plus the stock sciq task with its dataset replaced by local JSON files (the recipe of
+    docs/eval.md for running a BLISS task offline)."""
+    import shutil
+
+    import lm_eval.tasks
+
+    root = tmp_path_factory.mktemp("tasks")
+    shutil.copytree(os.path.join(ASSETS, "tiny_mc"), root / "tiny_mc")
+    with open(os.path.join(os.path.dirname(lm_eval.tasks.__file__), "sciq", "sciq.yaml")) as f:
+        stock = f.read()
+    data = os.path.join(ASSETS, "sciq_sample.jsonl")
+    local = (f"dataset_path: json\ndataset_kwargs:\n  cache_dir: {root / 'hf_cache'}\n  data_files:\n"
+             + "".join(f"    {split}: {data}\n" for split in ("train", "validation", "test")))
+    stock = re.sub(r"^dataset_path:.*\n", local, stock, flags=re.M)
+    os.makedirs(root / "sciq")
+    with open(root / "sciq" / "sciq.yaml", "w") as f:
+        f.write(re.sub(r"^dataset_name:.*\n", "", stock, flags=re.M))
+    return root
+
+
+def test_run_eval_writes_results(saved_target, task_dir, tmp_path):
+    cfg = load_config(EvalConfig, None, [f"--checkpoint={saved_target}", "--tasks=[tiny_mc, sciq]",
+                                         f"--include_path={task_dir}", f"--output_dir={tmp_path / 'out'}",
+                                         "--batch_size=5"])
+    assert cfg.model is None  # read from the run's config.yaml
+    summary = run_eval(cfg)
+    with open(tmp_path / "out" / "results.json") as f:
+        record = json.load(f)
+    for task, n in (("tiny_mc", 8), ("sciq", 4)):
+        result = record["results"][task]
+        assert 0.0 <= result["acc,none"] <= 1.0 and 0.0 <= result["acc_norm,none"] <= 1.0
+        assert record["n-samples"][task]["effective"] == n
+        assert summary["tasks"][task]["metric"] == "acc_norm"
+        assert summary["tasks"][task]["value"] == result["acc_norm,none"]
+    assert summary["mean"] == pytest.approx((record["results"]["tiny_mc"]["acc_norm,none"]
+                                             + record["results"]["sciq"]["acc_norm,none"]) / 2)
+    assert record["summary"] == summary
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| tiny_mc | 8 |" in table and "mean (2 tasks)" in table
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.yaml", "results.json", "results.md"]
+
+
+def test_registered_model_through_simple_evaluate(saved_target, task_dir):
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    from megatron_bliss.eval.lm_eval import MegatronBlissLM
+
+    assert get_model("megatron_bliss") is MegatronBlissLM
+    cfg = tiny_config()
+    args = {"checkpoint": str(saved_target / "iter_0000001"), "preset": "tiny", "hidden_size": cfg.hidden_size,
+            "ffn_hidden_size": cfg.ffn_hidden_size,
+            "seq_length": cfg.seq_length, "init_method_std": cfg.init_method_std}
+    out = lm_eval.simple_evaluate(model="megatron_bliss", model_args=args, tasks=["tiny_mc"], batch_size=3,
+                                  task_manager=TaskManager(include_path=str(task_dir / "tiny_mc"),
+                                                           include_defaults=False), log_samples=False)
+    assert set(out["results"]["tiny_mc"]) >= {"acc,none", "acc_norm,none"}
