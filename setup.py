@@ -97,7 +97,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7.4", "pytest-timeout>=2.2"],
-        "eval": ["lm-eval>=0.4"],
+        "eval": ["lm-eval>=0.4.13"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
     },
     entry_points={

@@ -1,7 +1,7 @@
 """``megatron-bliss STAGE [args]``: one command for every stage; each stage is its module's ``main``.
 
     megatron-bliss pipeline --config examples/configs/bliss_410m.yaml     (under torchrun: -m megatron_bliss.pipeline)
-    megatron-bliss pretrain | bilevel | score | report | info ...
+    megatron-bliss pretrain | bilevel | score | report | eval | info ...
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ STAGES = {
     "bilevel": ("megatron_bliss.bilevel.__main__", "one bilevel round: proxy, score model, hypergradient"),
     "score": ("megatron_bliss.score", "score every sequence of a shard"),
     "report": ("megatron_bliss.pipeline.report", "report of one or more run directories"),
+    "eval": ("megatron_bliss.eval.__main__", "lm-evaluation-harness zero-shot suite on a target checkpoint"),
     "info": ("megatron_bliss.info", "ops, attention backend, TE/apex and devices in use"),
 }
 
