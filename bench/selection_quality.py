@@ -239,8 +239,14 @@ def held_out_losses(model, measure) -> tuple:
     import torch
 
     tokens, full, last = (torch.from_numpy(a) for a in measure)
+    totals = torch.zeros(4, dtype=torch.float64)
     with torch.no_grad():
-        return float(lm_loss(model, tokens, full)), float(lm_loss(model, tokens, last))
+        for i in range(0, len(tokens), 50):  # chunks: the logits of every passage at once would take ~0.4 GB
+            for j, mask in enumerate((full[i:i + 50], last[i:i + 50])):
+                count = mask[:, 1:].sum()
+                totals[2 * j:2 * j + 2] += torch.stack([lm_loss(model, tokens[i:i + 50], mask).double() * count,
+                                                        count.double()])
+    return float(totals[0] / totals[1]), float(totals[2] / totals[3])
 
 
 # ------------------------------------------------------------------------------------------------- selectors
@@ -323,8 +329,8 @@ def cheap_scores(proxy, proxy_cfg, pool, select_half, args) -> tuple:
         directions["influence"], residual = solve.z, solve.residual
     for name, z in directions.items():
         c = []
-        for i in range(0, len(pool), 256):  # c_i = <∇CE_i, z> of every sequence by a central difference
-            rows = torch.from_numpy(pool[i:i + 256])
+        for i in range(0, len(pool), 64):  # c_i = <∇CE_i, z> of every sequence by a central difference
+            rows = torch.from_numpy(pool[i:i + 64])
             c.append(per_sample_directional(proxy, rows[:, :-1], rows[:, 1:], z, "finite_difference", 1e-2)[1])
         out[name] = torch.cat(c).numpy()
     return out, residual
@@ -377,14 +383,14 @@ def parse_args():
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the pool, the selections and every model")
     p.add_argument("--work-dir", default=None, help="cache for the built corpus (default: a temporary directory)")
-    p.add_argument("--pool-size", type=int, default=None, help="sequences in the pool (default 10000; quick 3000)")
-    p.add_argument("--outer-steps", type=int, default=None, help="BLISS outer steps (default 60; quick 12)")
+    p.add_argument("--pool-size", type=int, default=None, help="sequences in the pool (default 10000; quick 2000)")
+    p.add_argument("--outer-steps", type=int, default=None, help="BLISS outer steps (default 60; quick 10)")
     p.add_argument("--target-steps", type=int, default=None, help="target steps per subset (default 300; quick 100)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="proxy warm-up steps (default 150; quick 100)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="proxy warm-up steps (default 150; quick 80)")
     p.add_argument("--fraction", type=float, default=0.2, help="share of the pool each selector keeps")
     p.add_argument("--skip", nargs="*", default=[], choices=TABLE_ORDER, help="selectors to leave out")
     args = p.parse_args()
-    defaults = dict(pool_size=3000, outer_steps=12, target_steps=100, warmup_steps=100) if args.quick else \
+    defaults = dict(pool_size=2000, outer_steps=10, target_steps=100, warmup_steps=80) if args.quick else \
         dict(pool_size=10000, outer_steps=60, target_steps=300, warmup_steps=150)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -422,7 +428,7 @@ def main() -> None:
     select_half, measure_half = validation_halves(lambada, tmp.name)
     k = int(round(args.fraction * len(pool)))
     args.target_steps = min(args.target_steps, max(1, int(args.max_epochs * k / args.batch_size)))
-    args.eval_every = max(1, args.target_steps // 15)
+    args.eval_every = max(1, args.target_steps // (15 if args.target_steps >= 150 else 8))
     shape = dict(vocab_size=tokenizer.vocab_size, make_vocab_size_divisible_by=64, seq_length=args.seq_length,
                  attention_backend="local")
     proxy_cfg, target_cfg = get_preset("tiny", num_layers=1, **shape), get_preset("tiny", **shape)
