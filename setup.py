@@ -10,7 +10,6 @@ import os
 import sys
 
 from setuptools import find_packages, setup
-from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

@@ -36,8 +36,12 @@ def main() -> None:
     from megatron_bliss import parallel
     from megatron_bliss.bilevel import BilevelConfig
     from megatron_bliss.bilevel import hvp as H
-    from megatron_bliss.bilevel.hypergradient import (lower_level_objective, per_sample_directional, solve_z,
-                                                      validation_gradient)
+    from megatron_bliss.bilevel.hypergradient import (
+        lower_level_objective,
+        per_sample_directional,
+        solve_z,
+        validation_gradient,
+    )
     from megatron_bliss.models.gpt import build_gpt, gpt_logits
     from megatron_bliss.models.presets import get_preset
     from megatron_bliss.ops import reference as ref

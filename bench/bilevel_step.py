@@ -170,10 +170,11 @@ def main() -> None:
         for variant in ["plain"] + [v for v in args.variants.split(",") if v]:
             cmd = [sys.executable, __file__, "--variant", variant, "--workdir", os.path.join(tmp, str(len(rows))),
                    "--preset", args.preset, "--micro-batch", str(args.micro_batch), "--seq", str(args.seq),
-                   "--repeats", str(args.repeats), "--fused-backend", args.fused_backend, "--threads", str(args.threads)]
+                   "--repeats", str(args.repeats), "--fused-backend", args.fused_backend,
+                   "--threads", str(args.threads)]
             path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
             out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path))
-            lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
             if out.returncode != 0 or not lines:
                 sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
             rows[variant] = json.loads(lines[-1][7:])

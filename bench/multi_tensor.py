@@ -23,7 +23,7 @@ import argparse
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -97,9 +97,11 @@ def bench_preset(preset: str, device: torch.device, dtype: torch.dtype, repeats:
         print(f"# _C not used on {device}: {ops.ext_error() or 'built without CUDA'}", file=sys.stderr)
     rows = []
     for impl, (dot, norm, z_update) in impls.items():
-        rows.append((preset, "z-update", impl, timed(lambda: z_update(hz, g, z, MU, ETA, CLIP), repeats, device)))
-        rows.append((preset, "dot", impl, timed(lambda: dot(hz, g), repeats, device)))
-        rows.append((preset, "norm", impl, timed(lambda: norm(hz), repeats, device)))
+        # default arguments bind this iteration's ops (timed() calls each closure before the loop moves on)
+        rows.append((preset, "z-update", impl,
+                     timed(lambda f=z_update: f(hz, g, z, MU, ETA, CLIP), repeats, device)))
+        rows.append((preset, "dot", impl, timed(lambda f=dot: f(hz, g), repeats, device)))
+        rows.append((preset, "norm", impl, timed(lambda f=norm: f(hz), repeats, device)))
     return rows
 
 

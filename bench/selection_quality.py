@@ -306,10 +306,13 @@ def cheap_scores(proxy, proxy_cfg, pool, select_half, args) -> tuple:
     import numpy as np
     import torch
 
-    from megatron_bliss.bilevel import BilevelConfig
-    from megatron_bliss.bilevel import hvp
-    from megatron_bliss.bilevel.hypergradient import (lower_level_objective, per_sample_directional, solve_z,
-                                                      validation_gradient)
+    from megatron_bliss.bilevel import BilevelConfig, hvp
+    from megatron_bliss.bilevel.hypergradient import (
+        lower_level_objective,
+        per_sample_directional,
+        solve_z,
+        validation_gradient,
+    )
     from megatron_bliss.models.score import build_score_model
 
     tokens, full, _ = select_half
@@ -499,7 +502,7 @@ def main() -> None:
     for name in [n for n in TABLE_ORDER if n in subsets]:
         _, results[name] = train_lm(target_cfg, pool[subsets[name]], args.target_steps, args, seed=args.seed + 1,
                                     evaluate=lambda model: held_out_losses(model, measure_half))
-        print(f"  target on {name}: held-out CE " + " ".join(f"{s}:{l[0]:.3f}" for s, l in results[name]),
+        print(f"  target on {name}: held-out CE " + " ".join(f"{s}:{losses[0]:.3f}" for s, losses in results[name]),
               flush=True)
     times["targets"] = time.perf_counter() - t0
 

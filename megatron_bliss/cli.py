@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 STAGES = {
     "pipeline": ("megatron_bliss.pipeline.__main__", "warm-up and rounds of bilevel -> score -> select -> train"),
@@ -21,7 +21,7 @@ STAGES = {
 }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         lines = [f"  {name:<9} {help_}" for name, (_, help_) in STAGES.items()]

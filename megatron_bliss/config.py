@@ -14,7 +14,8 @@ import json
 import os
 import types
 import typing
-from typing import Any, Optional, Sequence, Type, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import yaml
 
@@ -89,7 +90,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: Type[T], values: dict, where: str) -> T:
+def _build(cls: type[T], values: dict, where: str) -> T:
     types_ = _field_types(cls)
     defaults_hook = getattr(cls, "config_defaults", None)
     if callable(defaults_hook):  # e.g. ModelConfig fills a preset's shape under the given keys
@@ -138,7 +139,7 @@ def parse_overrides(args: Sequence[str]) -> dict:
     return out
 
 
-def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[str] = ()) -> T:
+def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
     """Builds ``cls`` from its defaults, the YAML file at ``path`` and command-line overrides.
 
     Args:
@@ -201,8 +202,8 @@ def dump(cfg, path: str) -> None:
     os.replace(tmp, path)
 
 
-def parse_cli(cls: Type[T], argv: Optional[Sequence[str]] = None, description: str = "",
-              prog: Optional[str] = None) -> T:
+def parse_cli(cls: type[T], argv: Sequence[str] | None = None, description: str = "",
+              prog: str | None = None) -> T:
     """``--config FILE`` plus ``--section.key=value`` overrides from ``argv`` (default ``sys.argv[1:]``); a bad
     file, key or value exits with a usage error naming it."""
     import argparse

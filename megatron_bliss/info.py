@@ -16,7 +16,7 @@ import json
 import platform
 import sys
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -30,14 +30,14 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _distribution_version(name: str) -> Optional[str]:
+def _distribution_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def _try_import(module: str) -> tuple[Any, Optional[str]]:
+def _try_import(module: str) -> tuple[Any, str | None]:
     """(module, None) when ``module`` imports quietly, else (None, reason); never raises."""
     try:
         with warnings.catch_warnings():
@@ -165,7 +165,7 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_bliss.info", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = parser.parse_args(argv)

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import sys
-from typing import Optional
 
 LOGGER_NAME = "megatron_bliss"
 METRICS_FILE = "metrics.jsonl"
@@ -86,7 +85,7 @@ class MetricsWriter:
         tensorboard: also write TensorBoard event files (skipped with a warning when tensorboard is missing).
     """
 
-    def __init__(self, run_dir: str, purge_step: Optional[int] = None, tensorboard: bool = True):
+    def __init__(self, run_dir: str, purge_step: int | None = None, tensorboard: bool = True):
         self.enabled = _global_rank() == 0
         self.path = os.path.join(run_dir, METRICS_FILE)
         self._file = None

@@ -15,7 +15,6 @@ import os
 import random
 import socket
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -34,11 +33,11 @@ class ParallelConfig:
     """Tensor-parallel size (TP): shards every linear layer's weights across this many ranks."""
     pipeline_model_parallel_size: int = 1
     """Pipeline-parallel size (PP): splits the layers into this many stages."""
-    virtual_pipeline_model_parallel_size: Optional[int] = None
+    virtual_pipeline_model_parallel_size: int | None = None
     """Model chunks per pipeline stage for the interleaved schedule; None disables interleaving."""
     seed: int = 1234
     """Base seed; data-parallel ranks share it, tensor-parallel ranks offset it as megatron-core does."""
-    backend: Optional[str] = None
+    backend: str | None = None
     """torch.distributed backend; None picks nccl with CUDA and gloo without."""
     timeout_minutes: int = 30
     """Collective timeout."""

@@ -10,10 +10,10 @@ tear down. ``megatron-bliss-pretrain`` is the same command as a console script.
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Runs one pretraining job; returns the process exit code."""
     from megatron_bliss import parallel
     from megatron_bliss.config import parse_cli

@@ -27,14 +27,17 @@ def free_port() -> int:
 
 
 def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 300, env: dict | None = None) -> str:
-    """Runs ``script`` (a path) under ``torchrun --nproc-per-node nproc`` with gloo; returns stdout, raises on failure."""
+    """Runs ``script`` (a path) under ``torchrun --nproc-per-node nproc`` with gloo; returns stdout, raises on
+    failure."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), script, *args]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    full_env = dict(os.environ, OMP_NUM_THREADS="1",
+                    PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     full_env.update(env or {})
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO_ROOT)
     if proc.returncode != 0:
-        raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc.stdout
 
 

@@ -1,7 +1,6 @@
 """Layered config loading: defaults, YAML, overrides; unknown keys and wrong types name the file and key."""
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import pytest
 import yaml
@@ -15,7 +14,7 @@ from megatron_bliss.parallel import ParallelConfig
 class Root:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    name: Optional[str] = None
+    name: str | None = None
 
     def validate(self):
         self.model.check_layout(self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size)
@@ -49,7 +48,8 @@ def test_unknown_key_names_file_and_key(tmp_path):
 def test_wrong_type_and_cross_checks(tmp_path):
     with pytest.raises(ConfigError, match="model.num_layers: expected an integer, got 'four'"):
         load_config(Root, None, ["--model.num_layers=four"])
-    with pytest.raises(ValueError, match="num_attention_heads \\(4, preset 'tiny'\\).*tensor_model_parallel_size \\(3\\)"):
+    match = "num_attention_heads \\(4, preset 'tiny'\\).*tensor_model_parallel_size \\(3\\)"
+    with pytest.raises(ValueError, match=match):
         load_config(Root, None, ["--parallel.tensor_model_parallel_size=3"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Root, str(tmp_path / "missing.yaml"))

@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from megatron_bliss.data.commands import preprocess_main  # noqa: E402
+from megatron_bliss.data.commands import preprocess_main
 
 if __name__ == "__main__":
     sys.exit(preprocess_main())

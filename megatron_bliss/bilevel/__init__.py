@@ -21,6 +21,7 @@ from megatron_bliss.bilevel.solvers import SolveResult, solve_cg, solve_sgd
 
 __all__ = [
     "BilevelConfig", "BilevelRunConfig", "EngineChoice", "HypergradResult", "LowerLevelLoss", "Normalizer",
-    "Objective", "SolveResult", "build_operator", "hessian_vector_product", "lower_level_loss", "resolve_engine", "score_hypergradient",
+    "Objective", "SolveResult", "build_operator", "hessian_vector_product", "lower_level_loss", "resolve_engine",
+    "score_hypergradient",
     "sequence_weights", "solve_cg", "solve_sgd", "validation_loss",
 ]

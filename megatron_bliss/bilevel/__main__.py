@@ -12,10 +12,10 @@ A plain ``python -m megatron_bliss.bilevel ...`` is a world of one. Rerunning th
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parses the layered config, runs (or resumes) the round, tears down; returns the exit code."""
     from megatron_bliss import parallel
     from megatron_bliss.bilevel.config import BilevelRunConfig

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
 
 from megatron_bliss.models.presets import ModelConfig
 from megatron_bliss.parallel import ParallelConfig
@@ -153,7 +152,7 @@ class BilevelConfig:
         if self.micro_batch_size < 2:
             raise ValueError("bilevel.micro_batch_size must be >= 2: the weights are a softmax over the batch")
 
-    def replace(self, **changes) -> "BilevelConfig":
+    def replace(self, **changes) -> BilevelConfig:
         """A copy with ``changes`` applied (and checked)."""
         return dataclasses.replace(self, **changes)
 
@@ -164,7 +163,7 @@ class BilevelRunConfig:
 
     proxy: ModelConfig = field(default_factory=lambda: ModelConfig(preset="tiny"))
     """Shape of the proxy (and of the score model's body)."""
-    target: Optional[ModelConfig] = None
+    target: ModelConfig | None = None
     """Shape of the target; None when kl_coef = 0 (no target is loaded)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Parallel layout (data parallelism for the proxy-sized models; TP needs hvp_engine=finite_difference)."""

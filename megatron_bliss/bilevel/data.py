@@ -10,8 +10,6 @@ per-epoch permutations: every outer step takes whole global batches, rank r its 
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import numpy as np
 import torch
 
@@ -60,8 +58,8 @@ class TrainStream(_Stream):
         device: where batches go (None: the CPU).
     """
 
-    def __init__(self, data: Union[str, np.ndarray], micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0, seq_length: Optional[int] = None, device=None):
+    def __init__(self, data: str | np.ndarray, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                 seed: int = 0, seq_length: int | None = None, device=None):
         self.device = device
         self.sequences = read_sequences(data, seq_length) if isinstance(data, str) else np.asarray(data)
         if self.sequences.ndim != 2:

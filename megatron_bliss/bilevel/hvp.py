@@ -4,25 +4,26 @@ An :class:`Objective` is a scalar ``L(θ) = output_loss(forward(θ)) + param_los
 where ``forward`` produces the model's outputs (the proxy's logits). From it, :func:`build_operator` returns a linear
 operator ``v ↦ C·v`` (lists of tensors aligned with the parameters) for a curvature C and an engine:
 
-| curvature \\ engine | ``exact`` | ``finite_difference`` |
-|---|---|---|
-| ``hessian`` ∇²L | double backward; the gradient graph is built once per solve and reused by every product | central difference of gradients at θ ± εv/‖v‖ (2 fwd+bwd per product) |
-| ``gauss_newton`` Jᵀ ∇²_out ℓ J + ∇²(param_loss) | J·v by the double-backward trick on a forward graph kept for the solve, Jᵀ· by one backward through it | J·v by central difference of the outputs (2 forwards), Jᵀ· as for exact |
+- ``hessian`` ∇²L: ``exact`` by double backward (the gradient graph is built once per solve and reused by every
+  product); ``finite_difference`` by the central difference of gradients at θ ± εv/‖v‖ (2 fwd+bwd per product).
+- ``gauss_newton`` Jᵀ ∇²_out ℓ J + ∇²(param_loss): ``exact`` takes J·v by the double-backward trick on a forward
+  graph kept for the solve and Jᵀ· by one backward through it; ``finite_difference`` takes J·v by the central
+  difference of the outputs (2 forwards), Jᵀ· as for exact.
 
 The Gauss-Newton matrix is positive semi-definite whenever ``output_loss`` is convex in the outputs (cross-entropy
 and KL(p_target ‖ softmax(z)) are), so ``(GN + μI)`` is positive definite and CG converges on it; the Hessian of a
 language model is indefinite away from a minimum. ``exact`` needs local (unfused) attention and tensor-parallel size 1
 (megatron-core's TP collectives are not twice differentiable and have no forward-AD rule); ``finite_difference`` runs
 with fused kernels and TP>1 but needs fp32 or fp64 parameters (in bf16 its products are noise).
-:func:`resolve_engine` makes the automatic choice and logs why. :func:`hessian_vector_product` is the plain ``(loss closure, params, v)
-→ H·v`` form of the same engines.
+:func:`resolve_engine` makes the automatic choice and logs why. :func:`hessian_vector_product` is the plain
+``(loss closure, params, v) → H·v`` form of the same engines.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -44,10 +45,10 @@ class Objective:
     """
 
     params: Sequence[torch.Tensor]
-    forward: Callable[[Optional[Sequence[torch.Tensor]]], torch.Tensor]
+    forward: Callable[[Sequence[torch.Tensor] | None], torch.Tensor]
     output_loss: Callable[[torch.Tensor], torch.Tensor]
-    param_loss: Optional[Callable[[Sequence[torch.Tensor]], torch.Tensor]] = None
-    output_hvp: Optional[Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = None
+    param_loss: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None
+    output_hvp: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None
     """Optional closed form of the output-space Hessian: ``output_hvp(out)(w) = ∇²_out output_loss(out) · w``."""
 
     def loss(self) -> torch.Tensor:
@@ -58,7 +59,7 @@ class Objective:
         return value
 
 
-def module_forward(module, call: Callable) -> Callable[[Optional[Sequence[torch.Tensor]]], torch.Tensor]:
+def module_forward(module, call: Callable) -> Callable[[Sequence[torch.Tensor] | None], torch.Tensor]:
     """``forward(tensors)`` for an :class:`Objective` over ``list(module.parameters())``.
 
     Args:
@@ -108,7 +109,7 @@ def _check_fd_dtype(params):
 
 
 # ------------------------------------------------------------------------------------------------------ directional
-def jvp(fn: Callable[[Optional[Sequence[torch.Tensor]]], torch.Tensor], params: Sequence[torch.Tensor],
+def jvp(fn: Callable[[Sequence[torch.Tensor] | None], torch.Tensor], params: Sequence[torch.Tensor],
         tangents: Sequence[torch.Tensor], method: str = "forward_ad", eps: float = 1e-2, with_primal: bool = False):
     """Directional derivative d/dt fn(θ + t·v) at t = 0 (no reverse graph is kept).
 
@@ -167,11 +168,11 @@ class CurvatureOperator:
     def _apply(self, v):
         raise NotImplementedError
 
-    def output_jvp(self, v: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    def output_jvp(self, v: Sequence[torch.Tensor]) -> torch.Tensor | None:
         """J·v of the outputs, or None when this operator keeps nothing that makes it cheap."""
         return None
 
-    def outputs(self) -> Optional[torch.Tensor]:
+    def outputs(self) -> torch.Tensor | None:
         """The outputs at θ (detached) when the operator kept them, else None."""
         return None
 
@@ -383,7 +384,8 @@ def build_operator(objective: Objective, engine: str, curvature: str = "hessian"
     return op
 
 
-def hessian_vector_product(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
+def hessian_vector_product(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
+                           v: Sequence[torch.Tensor],
         engine: str = "exact", fd_eps: float = 1e-2) -> Tensors:
     """H·v of ``loss_fn()`` w.r.t. ``params``: the one-shot ``(loss closure, params, v) → H·v`` form.
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -74,7 +74,7 @@ class HypergradResult:
     """Seconds per phase: val_grad, solve, mixed_term, score_backward."""
 
     @property
-    def residual(self) -> Optional[float]:
+    def residual(self) -> float | None:
         """Relative residual of the z-solve."""
         return self.solve.residual
 
@@ -210,9 +210,9 @@ def clip_per_tensor(tensors: Sequence[torch.Tensor], max_norm: float = 1.0) -> l
     return norms
 
 
-def score_hypergradient(score_model, proxy, train_batch, val_batch, target_logits: Optional[torch.Tensor],
-                        config: BilevelConfig, *, group=None, z_init=None, compute_residual: Optional[bool] = None,
-                        engine: Optional[hvp_mod.EngineChoice] = None) -> HypergradResult:
+def score_hypergradient(score_model, proxy, train_batch, val_batch, target_logits: torch.Tensor | None,
+                        config: BilevelConfig, *, group=None, z_init=None, compute_residual: bool | None = None,
+                        engine: hvp_mod.EngineChoice | None = None) -> HypergradResult:
     """BLISS's hypergradient of the validation loss w.r.t. the score model's parameters at the current proxy.
 
     Args:

@@ -19,7 +19,6 @@ scaled the same way (by the global count of target tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -54,14 +53,14 @@ class Normalizer:
         return {"max": float(self.max), "denom": float(self.denom)}
 
     @classmethod
-    def from_state_dict(cls, state: Optional[dict]) -> Optional["Normalizer"]:
+    def from_state_dict(cls, state: dict | None) -> Normalizer | None:
         """Inverse of :meth:`state_dict` (None stays None)."""
         if not state:
             return None
         return cls(torch.tensor(state["max"], dtype=torch.float64), torch.tensor(state["denom"], dtype=torch.float64))
 
 
-def sequence_weights(scores: torch.Tensor, normalizer: Optional[Normalizer] = None, group=None):
+def sequence_weights(scores: torch.Tensor, normalizer: Normalizer | None = None, group=None):
     """Softmax weights P ``[b]`` of this rank's scores over the global batch, and the batch's own normalizer.
 
     Args:
@@ -116,7 +115,7 @@ class LowerLevelLoss:
 
 
 def weighted_lm_objective(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                          target_logits: Optional[torch.Tensor], gamma: float, dp_size: int = 1, tp_group=None):
+                          target_logits: torch.Tensor | None, gamma: float, dp_size: int = 1, tp_group=None):
     """The logit-dependent part of G: ``(R Σ P_i CE_i + γ KL, ce [b], kl)``.
 
     Split from :func:`lower_level_loss` so the Gauss-Newton engine can differentiate it w.r.t. the logits alone.
@@ -154,9 +153,9 @@ def weighted_lm_output_hvp(logits: torch.Tensor, weights: torch.Tensor, gamma: f
     return product
 
 
-def lower_level_loss(proxy, score_model, tokens: torch.Tensor, target_logits: Optional[torch.Tensor], *,
-                     gamma: float, reg: float, normalizer: Optional[Normalizer] = None, group=None,
-                     scores: Optional[torch.Tensor] = None, tp_group=None) -> LowerLevelLoss:
+def lower_level_loss(proxy, score_model, tokens: torch.Tensor, target_logits: torch.Tensor | None, *,
+                     gamma: float, reg: float, normalizer: Normalizer | None = None, group=None,
+                     scores: torch.Tensor | None = None, tp_group=None) -> LowerLevelLoss:
     """BLISS's lower-level loss G on one micro-batch (twice differentiable w.r.t. the proxy's parameters).
 
     Args:

@@ -13,8 +13,8 @@ Both return a :class:`SolveResult` with the relative residual ‖(C + μI) z −
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -45,7 +45,7 @@ class SolveResult:
 
     z: list
     """The solution, aligned with the parameters."""
-    residual: Optional[float]
+    residual: float | None
     """‖(C + μI) z − g‖ / ‖g‖ (None when not measured)."""
     products: int
     """Curvature-vector products spent (including one for the residual when measured)."""
@@ -86,7 +86,7 @@ def _sgd_update(z, cz, g, damping: float, lr: float, normalize: bool) -> None:
 
 
 def solve_sgd(operator: Callable, g: Sequence[torch.Tensor], *, steps: int, lr: float, damping: float,
-              normalize: bool = True, z0: Optional[Sequence[torch.Tensor]] = None,
+              normalize: bool = True, z0: Sequence[torch.Tensor] | None = None,
               compute_residual: bool = True) -> SolveResult:
     """BLISS's K-step damped SGD on ½ zᵀ(C + μI)z − gᵀz.
 
@@ -134,7 +134,7 @@ def _axpby_into(p, r, beta: float) -> None:
 
 
 def solve_cg(operator: Callable, g: Sequence[torch.Tensor], *, max_steps: int, damping: float, tol: float = 1e-3,
-             z0: Optional[Sequence[torch.Tensor]] = None, compute_residual: bool = True) -> SolveResult:
+             z0: Sequence[torch.Tensor] | None = None, compute_residual: bool = True) -> SolveResult:
     """Conjugate gradient on (C + μI) z = g.
 
     Args:

@@ -31,7 +31,7 @@ import random
 import re
 import shutil
 import subprocess
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 logger = logging.getLogger(__name__)
 

@@ -187,7 +187,7 @@ class IndexedReader:
     tokens: np.ndarray
 
     @classmethod
-    def open(cls, prefix: str) -> "IndexedReader":
+    def open(cls, prefix: str) -> IndexedReader:
         """Opens ``PREFIX.bin/.idx``; raises ``ValueError`` naming the file if the index is not megatron's format."""
         bin_path, idx_path = data_paths(prefix)
         for path in (bin_path, idx_path):

@@ -22,8 +22,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_bliss.data.indexed import replace_atomic
-from megatron_bliss.data.sources import (DataFormatError, ReadStatus, iter_parquet_rows, new_skip_counts,
-                                         parse_lines, read_line_chunks)
+from megatron_bliss.data.sources import (
+    DataFormatError,
+    ReadStatus,
+    iter_parquet_rows,
+    new_skip_counts,
+    parse_lines,
+    read_line_chunks,
+)
 
 logger = logging.getLogger(__name__)
 _WORKER: dict = {}  # per-process state of a tokenizing worker

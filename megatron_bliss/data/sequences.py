@@ -89,10 +89,10 @@ class SequenceDataset(Dataset):
     def __len__(self) -> int:
         return self.sequences.shape[0]
 
-    def __getitem__(self, index: int) -> "torch.Tensor":
+    def __getitem__(self, index: int) -> torch.Tensor:
         return torch.from_numpy(self.sequences[index].astype(np.int64))
 
-    def batch(self, indices: np.ndarray) -> "torch.Tensor":
+    def batch(self, indices: np.ndarray) -> torch.Tensor:
         """Sequences at ``indices`` as one ``[B, L]`` int64 tensor (one gather, no per-item overhead)."""
         return torch.from_numpy(self.sequences[np.asarray(indices)].astype(np.int64))
 

@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import tempfile
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

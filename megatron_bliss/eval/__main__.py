@@ -16,8 +16,8 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 from megatron_bliss.data.tokenizer import DEFAULT_TOKENIZER
 from megatron_bliss.models.presets import ModelConfig
@@ -35,7 +35,7 @@ class EvalConfig:
 
     checkpoint: str = ""
     """Target checkpoint: an ``iter_*`` directory or a save_dir (its latest), e.g. a round's ``eval`` branch."""
-    model: Optional[ModelConfig] = None
+    model: ModelConfig | None = None
     """Target shape; unset reads the ``model`` section of the run's ``config.yaml`` beside the checkpoint."""
     tokenizer: str = DEFAULT_TOKENIZER
     """The tokenizer the target was trained with (SentencePiece ``.model`` or ``tokenizer.json``)."""
@@ -45,11 +45,11 @@ class EvalConfig:
     """Few-shot examples per prompt (BLISS: zero-shot)."""
     batch_size: int = 16
     """Sequences per forward when scoring."""
-    limit: Optional[float] = None
+    limit: float | None = None
     """Examples per task (a fraction when below 1); for smoke tests only, the scores are then not comparable."""
     output_dir: str = ""
     """Where results.json, results.md and config.yaml go (not inside a pipeline run's checkpoint directories)."""
-    include_path: Optional[str] = None
+    include_path: str | None = None
     """Directory of extra task YAMLs (local datasets, or stock tasks pointed at local files)."""
     device: str = "auto"
     """auto | cpu | cuda; cpu hides the GPUs from this process."""
@@ -89,7 +89,7 @@ def summarize(results: dict, tasks: Sequence[str]) -> dict:
     return {"tasks": rows, "mean": sum(values) / len(values) if values else None, "num_tasks": len(values)}
 
 
-def markdown_table(summary: dict, n_samples: Optional[dict] = None) -> str:
+def markdown_table(summary: dict, n_samples: dict | None = None) -> str:
     """Percent, as the paper reports them; the reported metric of each task in the last column."""
     def pct(row, m):
         if m not in row:
@@ -125,7 +125,7 @@ def _dataset_errors():
                          "or point the task at local files with include_path; see docs/eval.md.") from None
 
 
-def run_eval(cfg: EvalConfig) -> Optional[dict]:
+def run_eval(cfg: EvalConfig) -> dict | None:
     """Evaluates ``cfg.checkpoint`` on ``cfg.tasks`` and writes the results; returns the summary (None when
     ``download_only``)."""
     try:
@@ -163,7 +163,7 @@ def run_eval(cfg: EvalConfig) -> Optional[dict]:
     return summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parses the layered config, evaluates, writes the results; returns the exit code."""
     from megatron_bliss.config import parse_cli
     from megatron_bliss.log import setup_logging

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -83,7 +83,7 @@ def rolling_windows(tokens: list[int], prefix_token: int, seq_length: int) -> li
     return windows
 
 
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -98,8 +98,8 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 @torch.no_grad()
-def score_windows(model, windows: Sequence[Window], batch_size: int, *, vocab_size: Optional[int] = None,
-                  autocast_dtype: Optional[torch.dtype] = None, progress: bool = False) -> list[tuple[float, bool]]:
+def score_windows(model, windows: Sequence[Window], batch_size: int, *, vocab_size: int | None = None,
+                  autocast_dtype: torch.dtype | None = None, progress: bool = False) -> list[tuple[float, bool]]:
     """Sum of log-probabilities of each window's scored tokens and whether each is the argmax.
 
     Windows are sorted by length, longest first (a batch too large for memory fails on the first batch), and
@@ -148,8 +148,8 @@ def score_windows(model, windows: Sequence[Window], batch_size: int, *, vocab_si
 
 
 def score_continuations(model, tokenizer, requests: Iterable[tuple[str, str]], batch_size: int, seq_length: int,
-                        *, add_eod_prefix: bool = True, vocab_size: Optional[int] = None,
-                        autocast_dtype: Optional[torch.dtype] = None,
+                        *, add_eod_prefix: bool = True, vocab_size: int | None = None,
+                        autocast_dtype: torch.dtype | None = None,
                         progress: bool = False) -> list[tuple[float, bool]]:
     """``(log p(continuation | context), continuation is the greedy decoding)`` for each (context, continuation).
 
@@ -177,7 +177,7 @@ def score_continuations(model, tokenizer, requests: Iterable[tuple[str, str]], b
 
 
 def rolling_loglikelihood(model, tokenizer, texts: Iterable[str], batch_size: int, seq_length: int, *,
-                          vocab_size: Optional[int] = None, autocast_dtype: Optional[torch.dtype] = None,
+                          vocab_size: int | None = None, autocast_dtype: torch.dtype | None = None,
                           progress: bool = False) -> list[float]:
     """Log-probability of each whole text after an end-of-document id, over :func:`rolling_windows`."""
     windows, owner = [], []
@@ -202,8 +202,8 @@ def _decoded_suffix(tokenizer, context: list[int], generated: list[int]) -> str:
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, context: str, *, until: Sequence[str] = (), max_gen_toks: int = 256,
-                    seq_length: int, add_eod_prefix: bool = True, vocab_size: Optional[int] = None,
-                    autocast_dtype: Optional[torch.dtype] = None) -> str:
+                    seq_length: int, add_eod_prefix: bool = True, vocab_size: int | None = None,
+                    autocast_dtype: torch.dtype | None = None) -> str:
     """Greedy continuation of ``context``: stops at end-of-document, after ``max_gen_toks`` tokens, or at the first
     stop string (cut off before it). No key-value cache: each token is a forward over the last ``seq_length``."""
     device = next(model.parameters()).device
@@ -244,8 +244,8 @@ def model_config_from_run(checkpoint: str, resolved: str):
     return None
 
 
-def load_target(checkpoint: str, model_cfg=None, *, tokenizer_path: Optional[str] = None,
-                device: Optional[str] = None, precision: str = "auto", model_overrides: Optional[dict] = None):
+def load_target(checkpoint: str, model_cfg=None, *, tokenizer_path: str | None = None,
+                device: str | None = None, precision: str = "auto", model_overrides: dict | None = None):
     """Builds the target GPT of a checkpoint for inference, in this process alone.
 
     Args:
@@ -317,7 +317,7 @@ def _define_adapter():
         """
 
         def __init__(self, model, tokenizer, seq_length: int, batch_size: int = 16, add_eod_prefix: bool = True,
-                     vocab_size: Optional[int] = None, autocast_dtype: Optional[torch.dtype] = None,
+                     vocab_size: int | None = None, autocast_dtype: torch.dtype | None = None,
                      progress: bool = True) -> None:
             super().__init__()
             self.model, self.tokenizer = model.eval(), tokenizer

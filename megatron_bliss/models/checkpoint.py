@@ -16,9 +16,8 @@ import json
 import logging
 import os
 import shutil
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
-import torch
 import torch.distributed as dist
 
 from megatron_bliss.models.presets import ModelConfig
@@ -72,7 +71,7 @@ def read_metadata(path: str) -> dict:
         return json.load(f)
 
 
-def check_compatible(meta: dict, cfg: ModelConfig, role: Optional[str], path: str) -> None:
+def check_compatible(meta: dict, cfg: ModelConfig, role: str | None, path: str) -> None:
     """Raises CheckpointError when the checkpoint's shape or role differs from what the caller builds."""
     if role is not None and meta.get("role") != role:
         raise CheckpointError(f"checkpoint {path} holds a {meta.get('role')} model, expected a {role} model")
@@ -85,7 +84,7 @@ def check_compatible(meta: dict, cfg: ModelConfig, role: Optional[str], path: st
 
 
 def save_checkpoint(path: str, model, cfg: ModelConfig, role: str, *, optimizer=None,
-                    common_state: Optional[dict] = None, extra_metadata: Optional[dict] = None) -> None:
+                    common_state: dict | None = None, extra_metadata: dict | None = None) -> None:
     """Saves ``model`` (and optionally its megatron optimizer) to directory ``path`` atomically; all ranks call it.
 
     Args:
@@ -124,7 +123,7 @@ def save_checkpoint(path: str, model, cfg: ModelConfig, role: str, *, optimizer=
     logger.info("saved %s checkpoint to %s", role, path)
 
 
-def load_checkpoint(path: str, model, cfg: ModelConfig, role: Optional[str] = None, *, optimizer=None,
+def load_checkpoint(path: str, model, cfg: ModelConfig, role: str | None = None, *, optimizer=None,
                     load_common: bool = False) -> dict:
     """Fills ``model`` (and ``optimizer``) from the checkpoint at ``path``, whatever layout saved it.
 
@@ -162,7 +161,7 @@ def save_model(path: str, model, cfg: ModelConfig, role: str) -> None:
     save_checkpoint(path, model, cfg, role)
 
 
-def load_model(path: str, model, cfg: ModelConfig, role: Optional[str] = None) -> dict:
+def load_model(path: str, model, cfg: ModelConfig, role: str | None = None) -> dict:
     """Weights only; see :func:`load_checkpoint`."""
     return load_checkpoint(path, model, cfg, role)
 

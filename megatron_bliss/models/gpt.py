@@ -12,7 +12,6 @@ The layer spec follows what is installed and what the caller needs:
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,9 +88,9 @@ def get_layer_spec(backend: str):
     return spec
 
 
-def build_gpt(cfg: ModelConfig, *, pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-              params_dtype: torch.dtype = torch.float32, attention_backend: Optional[str] = None,
-              vp_stage: Optional[int] = None, **config_overrides):
+def build_gpt(cfg: ModelConfig, *, pre_process: bool | None = None, post_process: bool | None = None,
+              params_dtype: torch.dtype = torch.float32, attention_backend: str | None = None,
+              vp_stage: int | None = None, **config_overrides):
     """Builds a target or proxy ``GPTModel`` for this rank's tensor/pipeline position.
 
     megatron-core's ``parallel_state`` must be initialized (see :func:`megatron_bliss.parallel.initialize`).

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -34,7 +33,7 @@ class ModelConfig:
     """Model width h."""
     num_attention_heads: int = 4
     """Attention heads; must be divisible by the tensor-parallel size."""
-    ffn_hidden_size: Optional[int] = None
+    ffn_hidden_size: int | None = None
     """MLP width; None means 4 x hidden_size."""
     vocab_size: int = PYTHIA_VOCAB_SIZE
     """Tokenizer vocabulary before padding."""
@@ -89,7 +88,7 @@ class ModelConfig:
         return -(-self.vocab_size // unit) * unit
 
     def check_layout(self, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
-                     virtual_pipeline_model_parallel_size: Optional[int] = None) -> None:
+                     virtual_pipeline_model_parallel_size: int | None = None) -> None:
         """Raises ValueError naming the setting when the shape cannot be split over the given layout."""
         if self.num_attention_heads % tensor_model_parallel_size:
             raise ValueError(
@@ -169,7 +168,7 @@ def preset_num_parameters(name: str) -> int:
     return num_parameters(get_preset(name))
 
 
-def model_flops_per_token(cfg: ModelConfig, seq_length: Optional[int] = None, *, output_layer: bool = True) -> float:
+def model_flops_per_token(cfg: ModelConfig, seq_length: int | None = None, *, output_layer: bool = True) -> float:
     """Training FLOPs per token (forward + backward, 3x forward), counting matmuls and attention scores.
 
     6 x (non-embedding matmul parameters + output layer) + 6 x 2 x layers x seq x h for attention (QK^T and AV),
@@ -182,7 +181,7 @@ def model_flops_per_token(cfg: ModelConfig, seq_length: Optional[int] = None, *,
 
 def to_transformer_config(cfg: ModelConfig, *, tensor_model_parallel_size: int = 1,
                           pipeline_model_parallel_size: int = 1,
-                          virtual_pipeline_model_parallel_size: Optional[int] = None,
+                          virtual_pipeline_model_parallel_size: int | None = None,
                           params_dtype: torch.dtype = torch.float32, **overrides):
     """megatron-core ``TransformerConfig`` for ``cfg`` under a parallel layout.
 

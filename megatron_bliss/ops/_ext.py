@@ -13,7 +13,6 @@ import importlib
 import os
 import threading
 from types import ModuleType
-from typing import Optional
 
 import torch
 
@@ -21,11 +20,11 @@ DISABLE_ENV = "MEGATRON_BLISS_DISABLE_EXT"
 
 _lock = threading.Lock()
 _loaded = False
-_module: Optional[ModuleType] = None
-_error: Optional[str] = None
+_module: ModuleType | None = None
+_error: str | None = None
 
 
-def _load() -> Optional[ModuleType]:
+def _load() -> ModuleType | None:
     global _loaded, _module, _error
     if _loaded:
         return _module
@@ -44,7 +43,7 @@ def _load() -> Optional[ModuleType]:
     return _module
 
 
-def get_ext() -> Optional[ModuleType]:
+def get_ext() -> ModuleType | None:
     """Returns the ``megatron_bliss._C`` module, or None when it is unavailable (see :func:`ext_error`)."""
     return _load()
 
@@ -54,7 +53,7 @@ def ext_available() -> bool:
     return _load() is not None
 
 
-def ext_error() -> Optional[str]:
+def ext_error() -> str | None:
     """Why the extension is unavailable, or None when it loaded."""
     _load()
     return _error

@@ -21,7 +21,7 @@ The total norm of a list is ``torch.linalg.vector_norm(multi_tensor_norm(xs))``.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -56,7 +56,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check(op: str, names: Sequence[str],
-           lists: Sequence[TensorList]) -> tuple[list[list[torch.Tensor]], Optional[torch.device]]:
+           lists: Sequence[TensorList]) -> tuple[list[list[torch.Tensor]], torch.device | None]:
     """Validates the op's contract; returns the lists as lists and their common device (None when empty)."""
     as_lists = [list(xs) for xs in lists]
     n = len(as_lists[0])
@@ -81,7 +81,7 @@ def _check(op: str, names: Sequence[str],
     return as_lists, device
 
 
-def _dtype_groups(xs: list[torch.Tensor]) -> Optional[dict[torch.dtype, list[int]]]:
+def _dtype_groups(xs: list[torch.Tensor]) -> dict[torch.dtype, list[int]] | None:
     """Indices of each dtype when ``xs`` mixes dtypes, None when it has one (the common case: one call)."""
     first = xs[0].dtype
     if all(x.dtype == first for x in xs):
@@ -101,7 +101,7 @@ def ops_path(device: torch.device | str = "cpu") -> str:
     return "_C" if _use_ext(torch.device(device)) else "reference"
 
 
-def _reduce(lists: list[list[torch.Tensor]], device: Optional[torch.device], ext_name: Optional[str],
+def _reduce(lists: list[list[torch.Tensor]], device: torch.device | None, ext_name: str | None,
             ref_fn: Callable[..., torch.Tensor]) -> torch.Tensor:
     """Runs a per-tensor reduction once per dtype group into a float64 [n] tensor: ``_C.<ext_name>`` when the
     extension supports the device (and ``ext_name`` is given), else ``ref_fn``."""
@@ -234,8 +234,8 @@ def _z_update(hz: TensorList, g: TensorList, z: TensorList, mu: float, eta: floa
         return run(hz_l, g_l, z_l)
     norms = torch.empty(len(z_l), dtype=torch.float64, device=device)
     for indices in groups.values():
-        pick = lambda ts: [ts[k] for k in indices]  # noqa: E731
-        norms[torch.tensor(indices, device=device)] = run(pick(hz_l), pick(g_l), pick(z_l))
+        hz_i, g_i, z_i = ([ts[k] for k in indices] for ts in (hz_l, g_l, z_l))
+        norms[torch.tensor(indices, device=device)] = run(hz_i, g_i, z_i)
     return norms
 
 

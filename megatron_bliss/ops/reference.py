@@ -23,8 +23,6 @@ backward is not claimed (use ``hvp_engine=finite_difference`` at TP>1).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -79,7 +77,7 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
-def split_next_token(sequences: torch.Tensor, loss_mask: Optional[torch.Tensor] = None):
+def split_next_token(sequences: torch.Tensor, loss_mask: torch.Tensor | None = None):
     """``(inputs [b, L-1], labels [b, L-1], mask [b, L-1] or None)`` of stored sequences ``[b, L]``."""
     if loss_mask is not None and loss_mask.shape != sequences.shape:
         raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} differs from tokens {tuple(sequences.shape)}")
@@ -87,7 +85,7 @@ def split_next_token(sequences: torch.Tensor, loss_mask: Optional[torch.Tensor] 
     return sequences[:, :-1], sequences[:, 1:], mask
 
 
-def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor], dim=None) -> torch.Tensor:
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None, dim=None) -> torch.Tensor:
     if mask is None:
         return values.mean() if dim is None else values.mean(dim=dim)
     mask = mask.to(values.dtype)
@@ -114,7 +112,7 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group=Non
     return logsumexp(logits, tp_group) - picked
 
 
-def sequence_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
+def sequence_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
                            tp_group=None) -> torch.Tensor:
     """Per-sequence mean next-token cross-entropy ``[b]`` (CE_i of BLISS), optionally over masked targets only.
 
@@ -130,7 +128,7 @@ def sequence_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask
     return _masked_mean(token_cross_entropy(logits, labels, tp_group), loss_mask, dim=1)
 
 
-def token_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
+def token_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
                              tp_group=None) -> torch.Tensor:
     """Scalar CE averaged over all target tokens of the batch (the validation objective F: every target token
     counts once, so examples with longer continuations weigh more, as in a token-level average)."""
@@ -155,7 +153,7 @@ def token_kl_target_proxy(target_logits: torch.Tensor, proxy_logits: torch.Tenso
 
 
 def kl_target_proxy(target_logits: torch.Tensor, proxy_logits: torch.Tensor,
-                    loss_mask: Optional[torch.Tensor] = None, tp_group=None, per_sequence: bool = False):
+                    loss_mask: torch.Tensor | None = None, tp_group=None, per_sequence: bool = False):
     """KL(softmax(z_target) ‖ softmax(z_proxy)) summed over the vocabulary and averaged over positions.
 
     Args:

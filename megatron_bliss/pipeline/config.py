@@ -8,7 +8,6 @@ per-round values (steps, learning-rate multiplier, checkpoints) when it builds e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from megatron_bliss.bilevel.config import BilevelConfig
 from megatron_bliss.models.presets import ModelConfig

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 
 class ManifestError(RuntimeError):
@@ -101,12 +101,12 @@ class Manifest:
                                         f"remove the phase from {self.path} to redo it")
         return True
 
-    def entry(self, key: str) -> Optional[dict]:
+    def entry(self, key: str) -> dict | None:
         """The record of a finished phase, or None."""
         return self.data["phases"].get(key)
 
     def mark_done(self, key: str, *, inputs: Iterable[str] = (), outputs: Iterable[str] = (),
-                  info: Optional[dict] = None) -> None:
+                  info: dict | None = None) -> None:
         """Records ``key`` as finished with the checksums of its inputs and outputs and free-form ``info``."""
         self.data["phases"][key] = {
             "finished": time.time(),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Optional
 
 import numpy as np
 import yaml
@@ -69,7 +68,7 @@ def collect_run(run_dir: str) -> dict:
     }
 
 
-def tokens_to_reach(curve: list, loss: float) -> Optional[float]:
+def tokens_to_reach(curve: list, loss: float) -> float | None:
     """First token count at which a validation curve reaches ``loss`` (linear interpolation); None if never."""
     prev = None
     for tokens, value in curve:

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -43,7 +43,7 @@ def _barrier() -> None:
 
 
 def _target_config(cfg: PipelineRunConfig, *, model: ModelConfig, prefixes, save_dir: str, total_steps: int,
-                   lr_multiplier: float = 1.0, load: Optional[str] = None, branch_from: Optional[str] = None,
+                   lr_multiplier: float = 1.0, load: str | None = None, branch_from: str | None = None,
                    proxy: bool = False):
     """A pretraining config for one target (or proxy warm-up) phase."""
     from megatron_bliss.pretraining.config import (

@@ -13,7 +13,6 @@ import logging
 import os
 import random
 import shutil
-from typing import Optional
 
 import numpy as np
 import torch
@@ -32,7 +31,7 @@ def iteration_dir(save_dir: str, step: int) -> str:
     return os.path.join(save_dir, f"iter_{step:07d}")
 
 
-def read_latest(save_dir: Optional[str]) -> Optional[int]:
+def read_latest(save_dir: str | None) -> int | None:
     """Step named by the latest marker of ``save_dir``, or None when there is none."""
     if not save_dir:
         return None
@@ -59,7 +58,7 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
-def write_latest(save_dir: str, step: int, keep_last: Optional[int] = None) -> None:
+def write_latest(save_dir: str, step: int, keep_last: int | None = None) -> None:
     """Rank 0 points the marker at ``step`` (atomically), then prunes old checkpoints; all ranks synchronize."""
     if parallel.is_rank0():
         tmp = os.path.join(save_dir, LATEST_FILE + ".tmp")

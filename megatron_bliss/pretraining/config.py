@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 from megatron_bliss.models.presets import ModelConfig
 from megatron_bliss.parallel import ParallelConfig
@@ -33,9 +32,9 @@ class TrainConfig:
     """Optimizer steps of the run (the step counter continues across resumes)."""
     precision: str = "auto"
     """'bf16' (bf16 weights and activations, fp32 main params and grads), 'fp32', or 'auto' (bf16 on CUDA)."""
-    eval_interval: Optional[int] = 1000
+    eval_interval: int | None = 1000
     """Validation loss every this many steps (and at the end); None disables validation."""
-    eval_batches: Optional[int] = None
+    eval_batches: int | None = None
     """Global batches of the validation set per evaluation; None evaluates all of it."""
     recompute_activations: bool = False
     """Full activation recomputation (saves memory at about a third more compute)."""
@@ -72,7 +71,7 @@ class OptimConfig:
     """Overlap the data-parallel gradient reduction with the backward pass."""
     overlap_param_gather: bool = False
     """With the distributed optimizer: overlap the parameter all-gather with the next forward."""
-    bucket_size: Optional[int] = None
+    bucket_size: int | None = None
     """Elements per gradient-reduction bucket; None lets megatron-core choose."""
 
     def __post_init__(self):
@@ -88,16 +87,16 @@ class OptimConfig:
 class CheckpointConfig:
     """Where checkpoints go, how often, and what a new run starts from."""
 
-    save_dir: Optional[str] = None
+    save_dir: str | None = None
     """Directory of ``iter_NNNNNNN`` checkpoints and ``latest_checkpointed_iteration.txt``; a run whose save_dir
     has a latest marker resumes from it. None saves nothing."""
-    save_interval: Optional[int] = 1000
+    save_interval: int | None = 1000
     """Save every this many steps (and at the end); None saves only at the end."""
-    load: Optional[str] = None
+    load: str | None = None
     """Checkpoint directory (or a save_dir, meaning its latest) to start from when save_dir has none yet."""
     load_weights_only: bool = False
     """Take only the weights from ``load`` (any layout): fresh optimizer, schedule, data position, step 0."""
-    keep_last: Optional[int] = None
+    keep_last: int | None = None
     """Keep only the newest this many checkpoints; None keeps all."""
     save_initial: bool = False
     """Also save the starting weights (only) as iter_0000000 before step 1, for other runs to start from with
@@ -114,7 +113,7 @@ class CheckpointConfig:
 class BranchConfig:
     """Evaluation branch: fork a checkpoint, train a few more steps with exponential decay, save elsewhere."""
 
-    from_checkpoint: Optional[str] = None
+    from_checkpoint: str | None = None
     """Checkpoint (or save_dir, meaning its latest) of the main run to fork; None means no branch. It is only read."""
     steps: int = 200
     """Steps the branch trains after the fork."""
@@ -132,7 +131,7 @@ class BranchConfig:
 class LoggingConfig:
     """Metrics, TensorBoard, progress bar and the peak FLOP/s used for MFU."""
 
-    run_dir: Optional[str] = None
+    run_dir: str | None = None
     """Where metrics.jsonl, tensorboard/ and config.yaml go; None uses checkpoint.save_dir."""
     log_interval: int = 1
     """Write metrics every this many steps."""
@@ -140,7 +139,7 @@ class LoggingConfig:
     """Also write TensorBoard event files."""
     progress_bar: bool = True
     """tqdm progress bar on rank 0."""
-    peak_flops: Optional[float] = None
+    peak_flops: float | None = None
     """Peak FLOP/s of one accelerator for MFU; None detects it from the GPU name (H100 bf16 dense: 989e12); MFU is
     left empty on CPU."""
     level: str = "INFO"
@@ -174,11 +173,11 @@ class PretrainRunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and progress output."""
 
-    def run_dir(self) -> Optional[str]:
+    def run_dir(self) -> str | None:
         """Directory for metrics and the resolved config."""
         return self.logging.run_dir or self.checkpoint.save_dir
 
-    def validate(self, world_size: Optional[int] = None) -> None:
+    def validate(self, world_size: int | None = None) -> None:
         """Cross-section checks; raises ValueError naming the settings.
 
         Args:
@@ -199,7 +198,8 @@ class PretrainRunConfig:
             raise ValueError(f"the interleaved pipeline schedule needs the number of micro-batches per step "
                              f"({num_micro}) to be a multiple of parallel.pipeline_model_parallel_size "
                              f"({p.pipeline_model_parallel_size})")
-        if self.optim.use_distributed_optimizer and self.optim.overlap_param_gather and p.pipeline_model_parallel_size > 1:
+        o = self.optim
+        if o.use_distributed_optimizer and o.overlap_param_gather and p.pipeline_model_parallel_size > 1:
             raise ValueError("optim.overlap_param_gather is not supported with pipeline parallelism here")
         self._check_data_lengths()
         self._check_branch()
@@ -228,7 +228,7 @@ class PretrainRunConfig:
             raise ValueError("set either branch.from_checkpoint or checkpoint.load, not both")
 
 
-def load_pretrain_config(path: Optional[str] = None, overrides=(), world_size: Optional[int] = None
+def load_pretrain_config(path: str | None = None, overrides=(), world_size: int | None = None
                          ) -> PretrainRunConfig:
     """Defaults, then the YAML at ``path``, then ``--section.key=value`` overrides; validated.
 

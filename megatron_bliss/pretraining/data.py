@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -34,9 +33,9 @@ class PretrainDataConfig:
 
     train_prefixes: list[str] = field(default_factory=list)
     """Sequences-mode indexed-dataset prefixes (``PREFIX.bin/.idx``) to train on."""
-    train_weights: Optional[list[float]] = None
+    train_weights: list[float] | None = None
     """Blend weights, one per prefix (normalized); None weighs each prefix by its number of sequences."""
-    valid_prefix: Optional[str] = None
+    valid_prefix: str | None = None
     """Validation prefix (``tools/prepare_validation.py`` output: loss on the target spans only; any other
     indexed dataset: loss on every token)."""
     seed: int = 1234
@@ -53,7 +52,7 @@ class PretrainDataConfig:
                 raise ValueError(f"data.train_weights must be >= 0 with a positive sum, got {self.train_weights}")
 
 
-def open_sequences(prefix: str, sample_length: Optional[int] = None) -> np.ndarray:
+def open_sequences(prefix: str, sample_length: int | None = None) -> np.ndarray:
     """``[N, L]`` read-only token view of a sequences-mode dataset; checks ``L == sample_length`` when given.
 
     Raises:
@@ -83,7 +82,7 @@ class BlendedSampler:
         seed: sampling seed.
     """
 
-    def __init__(self, sizes: list[int], weights: Optional[list[float]], seed: int):
+    def __init__(self, sizes: list[int], weights: list[float] | None, seed: int):
         self.sizes = [int(s) for s in sizes]
         w = np.asarray(weights if weights is not None else self.sizes, dtype=np.float64)
         self.weights = w / w.sum()
@@ -137,7 +136,7 @@ class TrainBatches:
         device: where batches are placed.
     """
 
-    def __init__(self, prefixes: list[str], weights: Optional[list[float]], seed: int, sample_length: int,
+    def __init__(self, prefixes: list[str], weights: list[float] | None, seed: int, sample_length: int,
                  global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                  device: torch.device = torch.device("cpu")):
         if not prefixes:
@@ -237,7 +236,7 @@ class ValidationBatches:
 
     def __init__(self, prefix: str, sample_length: int, global_batch_size: int, micro_batch_size: int,
                  dp_rank: int, dp_size: int, device: torch.device = torch.device("cpu"),
-                 max_batches: Optional[int] = None):
+                 max_batches: int | None = None):
         tokens, mask = open_validation(prefix, sample_length)
         num_batches = -(-tokens.shape[0] // global_batch_size)
         if max_batches is not None:

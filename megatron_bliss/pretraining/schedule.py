@@ -14,7 +14,6 @@ evaluation branch sets when it forks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass
@@ -23,7 +22,7 @@ class ScheduleConfig:
 
     warmup_steps: int = 2000
     """Steps of linear warm-up to the peak learning rate."""
-    decay_start: Optional[int] = None
+    decay_start: int | None = None
     """Step at which exponential decay starts; None keeps the rate constant after warm-up."""
     decay_half_life: float = 200.0
     """Steps over which the decayed learning rate halves (lr · 0.5^(t / half_life))."""
@@ -66,7 +65,7 @@ class WSDSchedule:
             return peak
         return max(self.cfg.min_lr, peak * 0.5 ** ((step - self.decay_start) / self.half_life))
 
-    def start_decay(self, step: int, half_life: Optional[float] = None) -> None:
+    def start_decay(self, step: int, half_life: float | None = None) -> None:
         """Decays from ``step`` on (the evaluation branch's fork point), optionally with another half-life."""
         self.decay_start = step
         if half_life is not None:

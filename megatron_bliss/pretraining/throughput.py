@@ -7,8 +7,6 @@ is the accelerator's dense bf16 rate; on the CPU there is no meaningful peak and
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets; matched by substring of the device name.
@@ -27,7 +25,7 @@ PEAK_BF16_FLOPS = (
 )
 
 
-def detect_peak_flops() -> Optional[float]:
+def detect_peak_flops() -> float | None:
     """Dense bf16 peak FLOP/s of this rank's GPU by name, or None (CPU, or an unknown GPU)."""
     if not torch.cuda.is_available():
         return None
@@ -39,7 +37,7 @@ def detect_peak_flops() -> Optional[float]:
 
 
 def throughput_metrics(tokens: int, seconds: float, flops_per_token: float, num_devices: int,
-                       peak_flops: Optional[float]) -> dict:
+                       peak_flops: float | None) -> dict:
     """tokens/s, TFLOP/s per device and MFU (None without a peak) for ``tokens`` processed in ``seconds``."""
     tokens_per_s = tokens / max(seconds, 1e-12)
     flops_per_device = tokens_per_s * flops_per_token / num_devices

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import time
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -76,10 +75,10 @@ class PretrainTrainer(Stateful):
         self.forward_backward = get_forward_backward_func()
         self.step = 0
         self.train_steps = t.train_steps
-        self.branch_end: Optional[int] = None
+        self.branch_end: int | None = None
         self.flops_per_token = model_flops_per_token(cfg.model)
         self.peak_flops = cfg.logging.peak_flops or detect_peak_flops()
-        self._saved_step: Optional[int] = None
+        self._saved_step: int | None = None
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def train(self) -> dict:

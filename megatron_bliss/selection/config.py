@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from megatron_bliss.models.presets import ModelConfig
 from megatron_bliss.parallel import ParallelConfig
@@ -25,7 +24,7 @@ class ScoringConfig:
     """Sequences per resumable chunk; chunks are dealt round-robin to data-parallel ranks."""
     bf16: bool = True
     """Run the forward in bfloat16 autocast on GPU (ignored on CPU)."""
-    max_sequences: Optional[int] = None
+    max_sequences: int | None = None
     """Score only the first N sequences (for smoke tests); None scores the whole shard."""
 
     def __post_init__(self):
@@ -45,7 +44,7 @@ class SelectionConfig:
     probabilities softmax(score / temperature)), or 'random' (the baseline)."""
     fraction: float = 0.2
     """Fraction of the shard to keep (BLISS keeps the top 20 %)."""
-    top_k: Optional[int] = None
+    top_k: int | None = None
     """Keep exactly this many sequences instead of a fraction."""
     temperature: float = 1.0
     """Gumbel-top-k temperature."""

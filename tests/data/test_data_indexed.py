@@ -35,8 +35,8 @@ def test_round_trip_and_megatron_reads_it(tmp_path, dtype):
 
 
 def test_matches_megatron_builder_bytes(tmp_path):
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     docs = [np.arange(n, dtype=np.uint16) + n for n in (3, 8, 1, 13)]
     _write(str(tmp_path / "ours"), docs, np.uint16)

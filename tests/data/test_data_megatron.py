@@ -24,7 +24,8 @@ def test_indexed_dataset_and_gpt_dataset(tmp_path, sample_files, tokenizer_path)
 
     config = GPTDatasetConfig(random_seed=1234, sequence_length=64, blend=([docs], None), split="1,0,0",
                               tokenizer=tok, reset_position_ids=False, reset_attention_mask=False,
-                              eod_mask_loss=False, path_to_cache=str(tmp_path / "cache"), mid_level_dataset_surplus=0.005)
+                              eod_mask_loss=False, path_to_cache=str(tmp_path / "cache"),
+                              mid_level_dataset_surplus=0.005)
     train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, [40, None, None], lambda: True, config).build()
     assert valid is None and test is None and len(train) >= 40
     sample = train[3]

@@ -8,7 +8,6 @@ import pytest
 
 from megatron_bliss.data import DataConfig, DataFormatError, IndexedReader, build_tokenizer, preprocess
 from megatron_bliss.data.sequences import read_sequences
-
 from tests.data.assets import sample_texts
 
 

@@ -5,8 +5,17 @@ import json
 import numpy as np
 import pytest
 
-from megatron_bliss.data import (DataConfig, DistributedSequenceSampler, IndexedReader, IndexedWriter,
-                                 SequenceDataset, preprocess, read_sequences, select_indices, write_subset)
+from megatron_bliss.data import (
+    DataConfig,
+    DistributedSequenceSampler,
+    IndexedReader,
+    IndexedWriter,
+    SequenceDataset,
+    preprocess,
+    read_sequences,
+    select_indices,
+    write_subset,
+)
 
 
 @pytest.fixture(scope="module")

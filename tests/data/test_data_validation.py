@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from megatron_bliss.data import DataFormatError, build_tokenizer, load_validation_set, prepare_validation
-
 from tests.data.assets import LAMBADA_SAMPLE
 
 

@@ -11,10 +11,10 @@ import pytest
 lm_eval = pytest.importorskip(
     "lm_eval", reason="lm-evaluation-harness is not installed (pip install 'megatron_bliss[eval]')")
 
-from megatron_bliss.config import load_config  # noqa: E402
-from megatron_bliss.eval.__main__ import EvalConfig, run_eval  # noqa: E402
-from megatron_bliss.models import save_model  # noqa: E402
-from tests.eval.conftest import tiny_config  # noqa: E402
+from megatron_bliss.config import load_config
+from megatron_bliss.eval.__main__ import EvalConfig, run_eval
+from megatron_bliss.models import save_model
+from tests.eval.conftest import tiny_config
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 

@@ -13,12 +13,12 @@ import warnings
 
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from megatron_bliss import parallel  # noqa: E402
-from megatron_bliss.models import build_gpt_chunks, get_preset, load_model, save_model  # noqa: E402
-from megatron_bliss.pretraining.forward_step import lm_forward_step, split_sequences  # noqa: E402
+from megatron_bliss import parallel
+from megatron_bliss.models import build_gpt_chunks, get_preset, load_model, save_model
+from megatron_bliss.pretraining.forward_step import lm_forward_step, split_sequences
 
 CFG = get_preset("debug", num_layers=4, seq_length=16)
 MICRO, NUM_MICRO = 2, 4

@@ -34,7 +34,8 @@ def test_unknown_preset_names_known_ones():
 
 
 def test_heads_not_divisible_by_tp():
-    with pytest.raises(ValueError, match="num_attention_heads \\(12, preset 'pythia_160m'\\).*tensor_model_parallel_size \\(5\\)"):
+    match = "num_attention_heads \\(12, preset 'pythia_160m'\\).*tensor_model_parallel_size \\(5\\)"
+    with pytest.raises(ValueError, match=match):
         get_preset("160m").check_layout(5, 1)
 
 

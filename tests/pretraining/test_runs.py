@@ -114,8 +114,9 @@ def _checksums(directory) -> dict:
 def test_evaluation_branch_leaves_main_run_untouched(reference, text_data, tmp_path):
     before = _checksums(reference)
     branch_dir = str(tmp_path / "branch")
-    args = common_args(text_data, branch_dir, STEPS, **{"branch.from_checkpoint": os.path.join(reference, "iter_0000004"),
-                                                         "branch.steps": 3, "branch.half_life": 1})
+    args = common_args(text_data, branch_dir, STEPS,
+                       **{"branch.from_checkpoint": os.path.join(reference, "iter_0000004"),
+                          "branch.steps": 3, "branch.half_life": 1})
     run_pretrain(args)
     assert _checksums(reference) == before
     got, ref = losses(branch_dir), losses(reference)

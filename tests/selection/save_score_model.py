@@ -1,12 +1,15 @@
-"""Saves a debug-shape score model checkpoint (with a non-trivial head) for the scoring tests: ``save_score_model.py DIR``."""
+"""Saves a debug-shape score model checkpoint (with a non-trivial head) for the scoring tests.
+
+    python tests/selection/save_score_model.py DIR
+"""
 
 import sys
 import warnings
 
 warnings.filterwarnings("ignore")
 
-from megatron_bliss import parallel  # noqa: E402
-from megatron_bliss.models import build_gpt, build_score_model, get_preset, save_model  # noqa: E402
+from megatron_bliss import parallel
+from megatron_bliss.models import build_gpt, build_score_model, get_preset, save_model
 
 if __name__ == "__main__":
     parallel.initialize(parallel.ParallelConfig(seed=5))

@@ -47,8 +47,8 @@ def test_scores_identical_for_dp1_and_dp2_and_resume(scored_setup):
 def test_scores_match_direct_forward(single_process, scored_setup):
     import torch
 
-    from megatron_bliss.models import build_score_model, get_preset, load_model
     from megatron_bliss.data.sequences import read_sequences
+    from megatron_bliss.models import build_score_model, get_preset, load_model
     from megatron_bliss.selection.scoring import score_sequences
 
     base, rows = scored_setup

@@ -70,7 +70,8 @@ def test_killed_run_leaves_nothing_finished_and_rerun_is_identical(tmp_path):
     tool("preprocess_c4", "--output-prefix", tmp_path / "clean", *args)
     for k in range(2):
         for suffix in (".bin", ".idx"):
-            assert (tmp_path / f"run_shard{k}{suffix}").read_bytes() == (tmp_path / f"clean_shard{k}{suffix}").read_bytes()
+            run, clean = tmp_path / f"run_shard{k}{suffix}", tmp_path / f"clean_shard{k}{suffix}"
+            assert run.read_bytes() == clean.read_bytes()
     assert not (tmp_path / "run.parts").exists()
 
 
