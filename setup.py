@@ -102,7 +102,6 @@ setup(
     entry_points={
         "console_scripts": [
             "megatron-bliss=megatron_bliss.cli:main",
-            "megatron-bliss-pretrain=megatron_bliss.pretrain:main",
         ]
     },
     ext_modules=ext_modules,

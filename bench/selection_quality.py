@@ -279,7 +279,7 @@ def run_bliss(proxy_cfg, warm_proxy, pool, select_half, args, out_dir: str, sign
 
     from megatron_bliss.bilevel import BilevelConfig, BilevelRunConfig
     from megatron_bliss.bilevel.trainer import BilevelTrainer
-    from megatron_bliss.selection.scoring import score_sequences
+    from megatron_bliss.score.scoring import score_sequences
 
     b = BilevelConfig(kl_coef=0.0, outer_steps=args.outer_steps, micro_batch_size=args.bilevel_batch,
                       val_micro_batch_size=args.bilevel_batch, score_lr=args.score_lr, proxy_lr=args.proxy_lr,
@@ -313,7 +313,7 @@ def cheap_scores(proxy, proxy_cfg, pool, select_half, args) -> tuple:
         solve_z,
         validation_gradient,
     )
-    from megatron_bliss.models.score import build_score_model
+    from megatron_bliss.models.score_model import build_score_model
 
     tokens, full, _ = select_half
     embedder = build_score_model(proxy_cfg, proxy)  # its body and final LayerNorm are the proxy's

@@ -50,7 +50,7 @@ def parse_args(argv=None):
 
 def build_config(args, world_size: int):
     from megatron_bliss.config import load_config
-    from megatron_bliss.pretraining.config import PretrainRunConfig
+    from megatron_bliss.pretrain.config import PretrainRunConfig
 
     dp = world_size // (args.tp * args.pp)
     overrides = {
@@ -81,8 +81,8 @@ def main(argv=None) -> int:
 
     from megatron_bliss import parallel
     from megatron_bliss.log import setup_logging
-    from megatron_bliss.pretraining.data import SyntheticBatches
-    from megatron_bliss.pretraining.trainer import PretrainTrainer
+    from megatron_bliss.pretrain.data import SyntheticBatches
+    from megatron_bliss.pretrain.trainer import PretrainTrainer
 
     args = parse_args(argv)
     setup_logging("WARNING")
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                 print(f"step {step + 1:4d}  loss {m['loss']:.4f}  {m['step_time_s'] * 1e3:9.1f} ms  "
                       f"{m['tokens_per_s']:12.0f} tok/s  {m['tflops_per_device']:8.2f} TFLOP/s/dev", flush=True)
     seconds = statistics.median(r["step_time_s"] for r in rows)
-    from megatron_bliss.pretraining.throughput import throughput_metrics
+    from megatron_bliss.pretrain.throughput import throughput_metrics
 
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     summary = throughput_metrics(tokens, seconds, trainer.flops_per_token, parallel.world_size(), trainer.peak_flops)

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 STAGES = {
     "pipeline": ("megatron_bliss.pipeline.__main__", "warm-up and rounds of bilevel -> score -> select -> train"),
-    "pretrain": ("megatron_bliss.pretrain", "target pretraining (DP/TP/PP), evaluation branches"),
+    "pretrain": ("megatron_bliss.pretrain.__main__", "target pretraining (DP/TP/PP), evaluation branches"),
     "bilevel": ("megatron_bliss.bilevel.__main__", "one bilevel round: proxy, score model, hypergradient"),
-    "score": ("megatron_bliss.score", "score every sequence of a shard"),
+    "score": ("megatron_bliss.score.__main__", "score every sequence of a shard"),
     "report": ("megatron_bliss.pipeline.report", "report of one or more run directories"),
     "eval": ("megatron_bliss.eval.__main__", "lm-evaluation-harness zero-shot suite on a target checkpoint"),
     "info": ("megatron_bliss.info", "ops, attention backend, TE/apex and devices in use"),

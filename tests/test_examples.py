@@ -18,7 +18,7 @@ def _config_class(path):
 
         return PipelineRunConfig
     if name.startswith(("pythia_", "tiny_target")):
-        from megatron_bliss.pretraining.config import PretrainRunConfig
+        from megatron_bliss.pretrain.config import PretrainRunConfig
 
         return PretrainRunConfig
     if name.startswith("bilevel"):
@@ -26,7 +26,7 @@ def _config_class(path):
 
         return BilevelRunConfig
     if name.startswith("score"):
-        from megatron_bliss.selection.config import ScoreRunConfig
+        from megatron_bliss.score.config import ScoreRunConfig
 
         return ScoreRunConfig
     raise AssertionError(f"no entry point known for example config {name}")

@@ -42,7 +42,7 @@ from megatron_bliss.bilevel.losses import Normalizer, lower_level_loss, validati
 from megatron_bliss.log import MetricsWriter
 from megatron_bliss.models.checkpoint import METADATA_FILE, load_model, save_checkpoint
 from megatron_bliss.models.gpt import build_gpt, gpt_logits
-from megatron_bliss.models.score import ScoreModel
+from megatron_bliss.models.score_model import ScoreModel
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ def _finished_checkpoints(directory: str) -> list:
 
 def _resolve(path: str) -> str:
     """A checkpoint directory, or the latest one of a pretraining save_dir."""
-    from megatron_bliss.pretraining.checkpointing import resolve_checkpoint
+    from megatron_bliss.pretrain.checkpointing import resolve_checkpoint
 
     return resolve_checkpoint(path)
 

@@ -135,7 +135,7 @@ def run_eval(cfg: EvalConfig) -> dict | None:
         raise SystemExit("lm-evaluation-harness is not installed: pip install 'megatron_bliss[eval]'") from None
     from megatron_bliss.config import dump, to_dict
     from megatron_bliss.eval.lm_eval import MegatronBlissLM, load_target
-    from megatron_bliss.pretraining.checkpointing import resolve_checkpoint
+    from megatron_bliss.pretrain.checkpointing import resolve_checkpoint
 
     task_manager = TaskManager(include_path=cfg.include_path)
     if cfg.download_only:

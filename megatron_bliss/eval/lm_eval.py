@@ -267,7 +267,7 @@ def load_target(checkpoint: str, model_cfg=None, *, tokenizer_path: str | None =
     from megatron_bliss.data import build_tokenizer
     from megatron_bliss.data.tokenizer import DEFAULT_TOKENIZER
     from megatron_bliss.models import ModelConfig, build_gpt, load_checkpoint
-    from megatron_bliss.pretraining.checkpointing import resolve_checkpoint
+    from megatron_bliss.pretrain.checkpointing import resolve_checkpoint
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but CUDA is not available")

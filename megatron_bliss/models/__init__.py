@@ -15,7 +15,7 @@ from megatron_bliss.models.presets import (
     num_parameters,
     preset_num_parameters,
 )
-from megatron_bliss.models.score import ScoreModel, build_score_model
+from megatron_bliss.models.score_model import ScoreModel, build_score_model
 
 __all__ = [
     "PRESETS", "ModelConfig", "get_preset", "num_parameters", "preset_num_parameters", "model_flops_per_token",

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from megatron_bliss.bilevel.config import BilevelConfig
 from megatron_bliss.models.presets import ModelConfig
 from megatron_bliss.parallel import ParallelConfig
-from megatron_bliss.pretraining.config import OptimConfig, TrainConfig
-from megatron_bliss.pretraining.schedule import ScheduleConfig
-from megatron_bliss.selection.config import ScoringConfig, SelectionConfig
+from megatron_bliss.pretrain.config import OptimConfig, TrainConfig
+from megatron_bliss.pretrain.schedule import ScheduleConfig
+from megatron_bliss.score.config import ScoringConfig
+from megatron_bliss.selection.config import SelectionConfig
 
 METHODS = ("bliss", "random")
 

@@ -46,13 +46,13 @@ def _target_config(cfg: PipelineRunConfig, *, model: ModelConfig, prefixes, save
                    lr_multiplier: float = 1.0, load: str | None = None, branch_from: str | None = None,
                    proxy: bool = False):
     """A pretraining config for one target (or proxy warm-up) phase."""
-    from megatron_bliss.pretraining.config import (
+    from megatron_bliss.pretrain.config import (
         BranchConfig,
         CheckpointConfig,
         LoggingConfig,
         PretrainRunConfig,
     )
-    from megatron_bliss.pretraining.data import PretrainDataConfig
+    from megatron_bliss.pretrain.data import PretrainDataConfig
 
     train = cfg.proxy_train if proxy else cfg.train
     branch = BranchConfig()
@@ -79,7 +79,7 @@ def _target_config(cfg: PipelineRunConfig, *, model: ModelConfig, prefixes, save
 
 
 def _train(pcfg) -> dict:
-    from megatron_bliss.pretraining.trainer import PretrainTrainer
+    from megatron_bliss.pretrain.trainer import PretrainTrainer
 
     return PretrainTrainer(pcfg).train()
 
@@ -188,8 +188,8 @@ class BlissPipeline:
                 "outputs": [p["score"]]}
 
     def score(self, r: int) -> dict:
-        from megatron_bliss.selection.config import ScoreRunConfig
-        from megatron_bliss.selection.scoring import run_scoring
+        from megatron_bliss.score.config import ScoreRunConfig
+        from megatron_bliss.score.scoring import run_scoring
 
         c, p = self.cfg, self._paths(r)
         scfg = ScoreRunConfig(model=c.proxy, parallel=self._data_parallel(),

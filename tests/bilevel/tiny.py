@@ -13,7 +13,7 @@ from megatron_bliss.bilevel import BilevelConfig
 from megatron_bliss.bilevel.hypergradient import lower_level_objective
 from megatron_bliss.models.gpt import build_gpt, gpt_logits
 from megatron_bliss.models.presets import get_preset
-from megatron_bliss.models.score import build_score_model
+from megatron_bliss.models.score_model import build_score_model
 
 VOCAB, SEQ, BATCH = 32, 8, 4
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megatron_bliss import parallel
 from megatron_bliss.models import build_gpt_chunks, get_preset, load_model, save_model
-from megatron_bliss.pretraining.forward_step import lm_forward_step, split_sequences
+from megatron_bliss.pretrain.forward_step import lm_forward_step, split_sequences
 
 CFG = get_preset("debug", num_layers=4, seq_length=16)
 MICRO, NUM_MICRO = 2, 4

@@ -9,8 +9,8 @@ Single node, 8 GPUs::
 
 from megatron_bliss.config import parse_cli
 from megatron_bliss.log import setup_logging
-from megatron_bliss.selection.config import ScoreRunConfig
-from megatron_bliss.selection.scoring import run_scoring
+from megatron_bliss.score.config import ScoreRunConfig
+from megatron_bliss.score.scoring import run_scoring
 
 
 def main(argv=None) -> None:

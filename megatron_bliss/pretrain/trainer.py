@@ -27,13 +27,13 @@ from megatron_bliss.config import config_hash, dump
 from megatron_bliss.log import MetricsWriter
 from megatron_bliss.models.checkpoint import load_checkpoint, save_checkpoint
 from megatron_bliss.models.presets import model_flops_per_token
-from megatron_bliss.pretraining import checkpointing as ckpt
-from megatron_bliss.pretraining.build import build_model_and_optimizer
-from megatron_bliss.pretraining.config import PretrainRunConfig
-from megatron_bliss.pretraining.data import TrainBatches, ValidationBatches
-from megatron_bliss.pretraining.forward_step import lm_eval_forward_step, lm_forward_step
-from megatron_bliss.pretraining.schedule import WSDSchedule
-from megatron_bliss.pretraining.throughput import detect_peak_flops, throughput_metrics
+from megatron_bliss.pretrain import checkpointing as ckpt
+from megatron_bliss.pretrain.build import build_model_and_optimizer
+from megatron_bliss.pretrain.config import PretrainRunConfig
+from megatron_bliss.pretrain.data import TrainBatches, ValidationBatches
+from megatron_bliss.pretrain.forward_step import lm_eval_forward_step, lm_forward_step
+from megatron_bliss.pretrain.schedule import WSDSchedule
+from megatron_bliss.pretrain.throughput import detect_peak_flops, throughput_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ def test_scores_match_direct_forward(single_process, scored_setup):
 
     from megatron_bliss.data.sequences import read_sequences
     from megatron_bliss.models import build_score_model, get_preset, load_model
-    from megatron_bliss.selection.scoring import score_sequences
+    from megatron_bliss.score.scoring import score_sequences
 
     base, rows = scored_setup
     cfg = get_preset("debug")

@@ -6,8 +6,8 @@ import torch
 
 from megatron_bliss.config import load_config
 from megatron_bliss.models.checkpoint import CheckpointError
-from megatron_bliss.pretraining.config import PretrainRunConfig
-from megatron_bliss.pretraining.trainer import PretrainTrainer
+from megatron_bliss.pretrain.config import PretrainRunConfig
+from megatron_bliss.pretrain.trainer import PretrainTrainer
 from tests.pretraining.conftest import common_args, losses
 
 

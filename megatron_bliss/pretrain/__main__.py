@@ -4,7 +4,7 @@
         [--section.key=value ...]
 
 One process per accelerator (one per CPU process with gloo). Parse the layered config, build the trainer, train,
-tear down. ``megatron-bliss-pretrain`` is the same command as a console script.
+tear down. ``megatron-bliss pretrain`` is the same command.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_bliss import parallel
     from megatron_bliss.config import parse_cli
     from megatron_bliss.log import setup_logging
-    from megatron_bliss.pretraining.config import PretrainRunConfig
+    from megatron_bliss.pretrain.config import PretrainRunConfig
 
-    cfg = parse_cli(PretrainRunConfig, argv, __doc__.split("\n\n")[0], prog="megatron-bliss-pretrain")
+    cfg = parse_cli(PretrainRunConfig, argv, __doc__.split("\n\n")[0], prog="megatron-bliss pretrain")
     setup_logging(cfg.logging.level)
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
-    from megatron_bliss.pretraining.trainer import PretrainTrainer
+    from megatron_bliss.pretrain.trainer import PretrainTrainer
 
     PretrainTrainer(cfg).train()
     parallel.destroy()

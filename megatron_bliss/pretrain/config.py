@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from megatron_bliss.models.presets import ModelConfig
 from megatron_bliss.parallel import ParallelConfig
-from megatron_bliss.pretraining.data import PretrainDataConfig
-from megatron_bliss.pretraining.schedule import ScheduleConfig
+from megatron_bliss.pretrain.data import PretrainDataConfig
+from megatron_bliss.pretrain.schedule import ScheduleConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -206,7 +206,7 @@ class PretrainRunConfig:
 
     def _check_data_lengths(self) -> None:
         from megatron_bliss.data.indexed import exists
-        from megatron_bliss.pretraining.data import open_sequences
+        from megatron_bliss.pretrain.data import open_sequences
 
         sample_length = self.model.seq_length + 1
         for prefix in self.data.train_prefixes:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from megatron_bliss.config import ConfigError, load_config
-from megatron_bliss.pretraining.config import PretrainRunConfig
-from megatron_bliss.pretraining.data import BlendedSampler, TrainBatches, ValidationBatches
-from megatron_bliss.pretraining.schedule import ScheduleConfig, WSDSchedule
+from megatron_bliss.pretrain.config import PretrainRunConfig
+from megatron_bliss.pretrain.data import BlendedSampler, TrainBatches, ValidationBatches
+from megatron_bliss.pretrain.schedule import ScheduleConfig, WSDSchedule
 from tests.conftest import REPO_ROOT
 from tests.pretraining.conftest import SEQ
 

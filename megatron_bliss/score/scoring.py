@@ -25,7 +25,7 @@ from megatron_bliss import parallel
 from megatron_bliss.data.sequences import read_sequences
 from megatron_bliss.models import build_score_model, load_model
 from megatron_bliss.models.presets import model_flops_per_token
-from megatron_bliss.selection.config import ScoreRunConfig
+from megatron_bliss.score.config import ScoreRunConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Saves a debug-shape score model checkpoint (with a non-trivial head) for the scoring tests.
 
-    python tests/selection/save_score_model.py DIR
+    python tests/score/save_score_model.py DIR
 """
 
 import sys

@@ -1,7 +1,7 @@
 """Training and validation batches from sequences-mode indexed datasets, with a resumable deterministic sampler.
 
 One stored sequence is one training sample (and one BLISS-scored unit): a sample of ``model.seq_length + 1``
-tokens becomes inputs ``[:-1]`` and labels ``[1:]`` (:func:`~megatron_bliss.pretraining.forward_step.split_sequences`),
+tokens becomes inputs ``[:-1]`` and labels ``[1:]`` (:func:`~megatron_bliss.pretrain.forward_step.split_sequences`),
 so samples never straddle stored sequences and ``scores[i]`` stays aligned with sample ``i``.
 
 Sampling (:class:`BlendedSampler`) is a pure function of the seed and of two counters, which is all a checkpoint
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from megatron_bliss.pretraining.forward_step import split_sequences
+from megatron_bliss.pretrain.forward_step import split_sequences
 
 logger = logging.getLogger(__name__)
 

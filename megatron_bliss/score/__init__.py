@@ -1,0 +1,1 @@
+"""Scoring a shard: the score model over every stored sequence, data parallel and resumable."""
