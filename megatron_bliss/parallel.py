@@ -173,18 +173,85 @@ def data_parallel_rank_and_size() -> tuple[int, int]:
     return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
 
 
+def group_size(group=None) -> int:
+    """Number of ranks in ``group`` (None: the whole job); 1 outside torch.distributed."""
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def group_rank(group=None) -> int:
+    """This process's rank within ``group`` (None: the whole job); 0 outside torch.distributed."""
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
+def tensor_parallel_group():
+    """megatron-core's tensor-parallel group of this rank (None before :func:`initialize`)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
+
+
+def barrier(group=None) -> None:
+    """Waits for every rank of ``group`` (None: the whole job); a no-op outside torch.distributed."""
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
+_REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def all_reduce(tensor: torch.Tensor, group=None, op: str = "sum") -> torch.Tensor:
+    """In-place ``op`` ('sum', 'max' or 'min') of ``tensor`` over ``group`` (None: the whole job); returns it.
+
+    A no-op for a group of one or outside torch.distributed, so single-process code calls it unconditionally.
+    """
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]), group=group)
+    return tensor
+
+
 def all_reduce_mean(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """In-place mean over ``group`` (the data-parallel group by default); a no-op for a group of one."""
-    group = group if group is not None else data_parallel_group()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
+    """In-place mean of ``tensor`` over ``group`` (None: the whole job); returns it."""
+    size = group_size(group)
+    if size > 1:
         dist.all_reduce(tensor, group=group)
-        tensor /= dist.get_world_size(group)
+        tensor /= size
     return tensor
 
 
-def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """In-place sum over ``group`` (the data-parallel group by default)."""
-    group = group if group is not None else data_parallel_group()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, group=group)
-    return tensor
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's ``obj`` (picklable), indexed by rank within ``group``; ``[obj]`` outside torch.distributed."""
+    size = group_size(group)
+    if size == 1:
+        return [obj]
+    out = [None] * size
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """``obj`` of global rank ``src``, on every rank of ``group``."""
+    if group_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def all_reduce_tensors(tensors, group=None, mean: bool = False) -> list:
+    """Sum (or ``mean``) over ``group`` of a list of tensors through one flat buffer; new tensors, inputs untouched.
+
+    One collective instead of one per tensor; a no-op (the same tensors) for a group of one.
+    """
+    tensors = list(tensors)
+    size = group_size(group)
+    if size == 1:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    if mean:
+        flat /= size
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
