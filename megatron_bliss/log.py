@@ -18,19 +18,10 @@ import math
 import os
 import sys
 
+from megatron_bliss import parallel
+
 LOGGER_NAME = "megatron_bliss"
 METRICS_FILE = "metrics.jsonl"
-
-
-def _global_rank() -> int:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    return int(os.environ.get("RANK", "0"))
 
 
 class _RankFilter(logging.Filter):
@@ -41,7 +32,7 @@ class _RankFilter(logging.Filter):
         self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.rank = _global_rank()
+        record.rank = parallel.launch_rank()
         return record.rank == 0 or record.levelno >= max(self.level, logging.WARNING)
 
 
@@ -86,7 +77,7 @@ class MetricsWriter:
     """
 
     def __init__(self, run_dir: str, purge_step: int | None = None, tensorboard: bool = True):
-        self.enabled = _global_rank() == 0
+        self.enabled = parallel.launch_rank() == 0
         self.path = os.path.join(run_dir, METRICS_FILE)
         self._file = None
         self._tb = None

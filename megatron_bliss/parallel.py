@@ -4,7 +4,9 @@
 ``MASTER_PORT``), initializes ``torch.distributed`` (NCCL with CUDA, gloo without), megatron-core's
 ``parallel_state`` with the tensor/pipeline sizes of a :class:`ParallelConfig`, applies the CPU shims when CUDA is
 absent, and seeds every generator deterministically per rank. A plain ``python`` process (no torchrun variables) is
-a world of one. Model and bilevel code stay single-device; where they need a collective they take the group.
+a world of one. Model and bilevel code stay single-device; where they need a collective they take the group and
+call the primitives below (:func:`all_reduce`, :func:`all_reduce_tensors`, :func:`all_gather_object`, ...), each a
+no-op for a group of one. :func:`initialize` may be called once per stage; its docstring says what it keeps.
 """
 
 from __future__ import annotations
@@ -87,11 +89,37 @@ def seed_everything(seed: int) -> None:
      else tensor_parallel.model_parallel_cuda_manual_seed)(seed)
 
 
+def _current_layout() -> tuple | None:
+    """(TP, PP, VPP) of megatron-core's model-parallel groups, or None when they are not built."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return None
+    return (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+            ps.get_virtual_pipeline_model_parallel_world_size())
+
+
 def initialize(cfg: ParallelConfig) -> None:
-    """Initializes torch.distributed and megatron-core model parallelism for ``cfg``; idempotent per process.
+    """Prepares this process for ``cfg``: safe to call at the start of every stage of one process.
+
+    What a call does, and what a repeated call does:
+
+    - ``torch.distributed``: the first call initializes the default process group (backend and timeout of that
+      call); later calls reuse it unchanged, whatever their ``backend``/``timeout_minutes``.
+    - CPU shims (:func:`compat.apply_cpu_shims`, without CUDA): applied once per process; repeated calls are
+      no-ops.
+    - megatron-core's model-parallel groups: **idempotent per layout**. When the requested (TP, PP, VPP) equals the
+      layout the groups were built with, they are kept (the same group objects; ``timeout_minutes`` of the call
+      that built them; the virtual-pipeline rank is reset to 0 as a fresh build sets it). When it differs (or the
+      groups do not exist), they are destroyed and rebuilt for ``cfg``. A rebuild creates new process groups
+      (megatron-core does not free the old communicators), so objects holding the old groups (models, optimizers,
+      DDP wrappers) must not be used afterwards.
+    - Seeds: **not idempotent, on purpose**. Every call reseeds Python, numpy, torch and megatron-core's RNG
+      tracker from ``cfg.seed`` (see :func:`seed_everything`), so each stage starts from the same random state
+      whatever ran before it in the process.
 
     Args:
-        cfg: the layout. Raises ValueError when it does not divide the world size.
+        cfg: the layout. Raises ValueError when it does not divide the world size (before any collective).
     """
     from megatron.core import parallel_state as ps
 
@@ -112,14 +140,22 @@ def initialize(cfg: ParallelConfig) -> None:
         dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
     compat.apply_cpu_shims()
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
-        distributed_timeout_minutes=cfg.timeout_minutes,
-    )
+    layout = (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
+              cfg.virtual_pipeline_model_parallel_size)
+    current = _current_layout()
+    if current == layout:
+        if layout[2] is not None:
+            ps.set_virtual_pipeline_model_parallel_rank(0)
+    else:
+        if current is not None:
+            logger.debug("rebuilding model-parallel groups: (tp, pp, vpp) %s -> %s", current, layout)
+            ps.destroy_model_parallel()
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+            pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
+            distributed_timeout_minutes=cfg.timeout_minutes,
+        )
     seed_everything(cfg.seed)
     logger.debug("initialized rank %d/%d tp=%d pp=%d dp=%d", rank, world_size, cfg.tensor_model_parallel_size,
                  cfg.pipeline_model_parallel_size, ps.get_data_parallel_world_size())
@@ -144,6 +180,12 @@ def rank() -> int:
 def world_size() -> int:
     """Global world size (1 outside torch.distributed)."""
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def launch_rank() -> int:
+    """Global rank, also before :func:`initialize`: torch.distributed's once initialized, else torchrun's ``RANK``
+    (0 in a plain process)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def is_rank0() -> bool:
@@ -190,6 +232,13 @@ def tensor_parallel_group():
     return ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
 
 
+def tensor_parallel_size() -> int:
+    """megatron-core's tensor-parallel size (1 before :func:`initialize`)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+
+
 def barrier(group=None) -> None:
     """Waits for every rank of ``group`` (None: the whole job); a no-op outside torch.distributed."""
     if dist.is_initialized():
@@ -202,8 +251,11 @@ _REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 def all_reduce(tensor: torch.Tensor, group=None, op: str = "sum") -> torch.Tensor:
     """In-place ``op`` ('sum', 'max' or 'min') of ``tensor`` over ``group`` (None: the whole job); returns it.
 
-    A no-op for a group of one or outside torch.distributed, so single-process code calls it unconditionally.
+    A no-op for a group of one or outside torch.distributed, so single-process code calls it unconditionally; an
+    unknown ``op`` raises ValueError there too.
     """
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"all_reduce: op must be one of {sorted(_REDUCE_OPS)}, got {op!r}")
     if group_size(group) > 1:
         dist.all_reduce(tensor, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]), group=group)
     return tensor

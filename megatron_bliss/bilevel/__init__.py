@@ -1,4 +1,4 @@
-"""Learning the score model θs by bilevel optimization (BLISS.md §2-3).
+"""Learning the score model θs by bilevel optimization (the BLISS objectives G and F and their hypergradient).
 
 - :mod:`.losses`: the lower-level loss G (softmax-weighted CE + γ KL + λ‖θp‖²) and the validation objective F.
 - :mod:`.hvp`: curvature-vector products (exact / finite-difference engines; Hessian or Gauss-Newton curvature).

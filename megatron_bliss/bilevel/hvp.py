@@ -21,15 +21,15 @@ with fused kernels and TP>1 but needs fp32 or fp64 parameters (in bf16 its produ
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.distributed as dist
 
-from megatron_bliss import compat
+from megatron_bliss import compat, parallel
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +332,7 @@ class DataParallelMean(CurvatureOperator):
         self.products = 0
 
     def _apply(self, v):
-        return all_reduce_mean_tensors(self.inner(v), self.group)
+        return parallel.all_reduce_tensors(self.inner(v), self.group, mean=True)
 
     def output_jvp(self, v):
         return self.inner.output_jvp(v)  # this rank's outputs: not reduced
@@ -344,28 +344,9 @@ class DataParallelMean(CurvatureOperator):
         self.inner.close()
 
 
-def all_reduce_mean_tensors(tensors: Sequence[torch.Tensor], group) -> Tensors:
-    """Mean over ``group`` of a list of tensors, through one flat buffer (a no-op for a group of one)."""
-    tensors = list(tensors)
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return out
-
-
-def all_reduce_sum_tensors(tensors: Sequence[torch.Tensor], group) -> Tensors:
-    """Sum over ``group`` of a list of tensors through one flat buffer."""
-    tensors = list(tensors)
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return tensors
-    n = dist.get_world_size(group)
-    return [t * n for t in all_reduce_mean_tensors(tensors, group)]
+# Deprecated alias, kept only because bilevel/trainer.py still imports it: use
+# parallel.all_reduce_tensors(tensors, group, mean=True).
+all_reduce_mean_tensors = functools.partial(parallel.all_reduce_tensors, mean=True)
 
 
 def build_operator(objective: Objective, engine: str, curvature: str = "hessian", *, fd_eps: float = 1e-2,
@@ -379,7 +360,7 @@ def build_operator(objective: Objective, engine: str, curvature: str = "hessian"
         raise ValueError(f"unknown curvature {curvature!r}")
     if engine not in ("exact", "finite_difference"):
         raise ValueError(f"unknown HVP engine {engine!r} (resolve 'auto' with resolve_engine first)")
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+    if group is not None and parallel.group_size(group) > 1:
         op = DataParallelMean(op, group)
     return op
 

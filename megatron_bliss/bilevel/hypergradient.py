@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
+from megatron_bliss import parallel
 from megatron_bliss.bilevel import hvp as hvp_mod
 from megatron_bliss.bilevel import solvers
 from megatron_bliss.bilevel.config import BilevelConfig
@@ -90,21 +90,12 @@ def _unpack_train(train_batch):
     return train_batch["tokens"] if isinstance(train_batch, dict) else train_batch
 
 
-def _group_size(group) -> int:
-    return dist.get_world_size(group) if dist.is_initialized() else 1
-
-
-def _tp_size() -> int:
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
-
-
 def choose_engine(config: BilevelConfig, proxy) -> hvp_mod.EngineChoice:
     """Resolves ``config.hvp_engine``/``mixed_term`` for this proxy and layout (see :func:`hvp.resolve_engine`)."""
     return hvp_mod.resolve_engine(config.hvp_engine, config.mixed_term, config.curvature,
                                   attention_backend=getattr(proxy, "attention_backend", "local"),
-                                  tp_size=_tp_size(), params_dtype=next(proxy.parameters()).dtype)
+                                  tp_size=parallel.tensor_parallel_size(),
+                                  params_dtype=next(proxy.parameters()).dtype)
 
 
 def validation_gradient(proxy, val_batch, group=None, local: bool = False) -> tuple:
@@ -115,7 +106,7 @@ def validation_gradient(proxy, val_batch, group=None, local: bool = False) -> tu
     loss, val_ce = validation_loss(proxy, tokens, loss_mask, group=group, local=local)
     grads = hvp_mod._grads(loss, params)
     if not local:
-        grads = hvp_mod.all_reduce_mean_tensors(grads, resolve_group(group))
+        grads = parallel.all_reduce_tensors(grads, resolve_group(group), mean=True)
     return grads, float(val_ce)
 
 
@@ -232,7 +223,7 @@ def score_hypergradient(score_model, proxy, train_batch, val_batch, target_logit
         A :class:`HypergradResult`; ``.grads`` is aligned with ``score_model.parameters()``.
     """
     group = resolve_group(group)
-    dp = _group_size(group)
+    dp = parallel.group_size(group)
     choice = engine or choose_engine(config, proxy)
     if compute_residual is None:
         compute_residual = config.residual_interval > 0
@@ -253,7 +244,7 @@ def score_hypergradient(score_model, proxy, train_batch, val_batch, target_logit
                                       group=group if global_solve else None)
     try:
         solve = solve_z(operator, g, config, z_init, compute_residual)
-        z = solve.z if global_solve else hvp_mod.all_reduce_mean_tensors(solve.z, group)
+        z = solve.z if global_solve else parallel.all_reduce_tensors(solve.z, group, mean=True)
         timings["solve"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -270,14 +261,13 @@ def score_hypergradient(score_model, proxy, train_batch, val_batch, target_logit
         operator.close()
     c = c.detach().to(weights.dtype)
     c_bar = (weights * c).sum()
-    if dp > 1:
-        dist.all_reduce(c_bar, group=group)
+    parallel.all_reduce(c_bar, group)
     coeff = -(weights * (c - c_bar))
     timings["mixed_term"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     grads = _score_backward(score_model, tokens, scores, coeff, loop)
-    grads = hvp_mod.all_reduce_sum_tensors(grads, group)
+    grads = parallel.all_reduce_tensors(grads, group)
     grad_norms = [float(torch.linalg.vector_norm(t)) for t in grads]
     if config.clip_hypergrad:
         clip_per_tensor(grads)

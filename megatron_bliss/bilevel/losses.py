@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megatron_bliss import parallel
 from megatron_bliss.models.gpt import gpt_logits
@@ -31,12 +30,6 @@ from megatron_bliss.ops import reference as ref
 def resolve_group(group):
     """``group``, or megatron-core's data-parallel group when None (None again before initialization)."""
     return group if group is not None else parallel.data_parallel_group()
-
-
-def _group_size(group) -> int:
-    if not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
 
 
 @dataclass
@@ -76,13 +69,9 @@ def sequence_weights(scores: torch.Tensor, normalizer: Normalizer | None = None,
     """
     group = resolve_group(group)
     with torch.no_grad():
-        m = scores.detach().max().clone()
-        if _group_size(group) > 1:
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        m = parallel.all_reduce(scores.detach().max().clone(), group, op="max")
         local = torch.exp(scores.detach() - m).sum()
-        total = local.clone()
-        if _group_size(group) > 1:
-            dist.all_reduce(total, group=group)
+        total = parallel.all_reduce(local.clone(), group)
     own = Normalizer(m, total)
     if normalizer is not None:
         shift, denom = normalizer.max.to(scores), normalizer.denom.to(scores)
@@ -182,7 +171,8 @@ def lower_level_loss(proxy, score_model, tokens: torch.Tensor, target_logits: to
     weights, own = sequence_weights(scores, normalizer, group)
     inputs, labels, _ = ref.split_next_token(tokens)
     logits = gpt_logits(proxy, inputs)
-    lm, ce, kl = weighted_lm_objective(logits, labels, weights, target_logits, gamma, _group_size(group), tp_group)
+    lm, ce, kl = weighted_lm_objective(logits, labels, weights, target_logits, gamma, parallel.group_size(group),
+                                       tp_group)
     l2 = ref.squared_norm(list(proxy.parameters()))
     loss = lm + reg * l2 if reg else lm
     return LowerLevelLoss(loss=loss, weighted_ce=ref.weighted_sum(weights.detach(), ce.detach()), kl=kl.detach(),
@@ -208,8 +198,6 @@ def validation_loss(proxy, tokens: torch.Tensor, loss_mask: torch.Tensor, group=
     per_token = ref.token_cross_entropy(logits, labels, tp_group)
     mask = mask.to(per_token.dtype)
     total = (per_token * mask).sum()
-    stats = torch.stack([total.detach(), mask.sum()])
-    if _group_size(group) > 1:
-        dist.all_reduce(stats, group=group)
+    stats = parallel.all_reduce(torch.stack([total.detach(), mask.sum()]), group)
     count = stats[1].clamp_min(1.0)
-    return total * _group_size(group) / count, stats[0] / count
+    return total * parallel.group_size(group) / count, stats[0] / count

@@ -24,14 +24,14 @@ backward is not claimed (use ``hvp_engine=finite_difference`` at TP>1).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_bliss import parallel
 
-def _tp_size(tp_group) -> int:
-    if tp_group is None or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(tp_group)
+
+def _vocab_sharded(tp_group) -> bool:
+    """True when the logits are a vocabulary shard: ``tp_group`` is given and has more than one rank."""
+    return tp_group is not None and parallel.group_size(tp_group) > 1
 
 
 class _AllReduceSumIdentityBackward(torch.autograd.Function):
@@ -39,9 +39,7 @@ class _AllReduceSumIdentityBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor, group):
-        out = tensor.clone()
-        dist.all_reduce(out, group=group)
-        return out
+        return parallel.all_reduce(tensor.clone(), group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -50,7 +48,7 @@ class _AllReduceSumIdentityBackward(torch.autograd.Function):
 
 def _reduce_over_vocab(tensor: torch.Tensor, tp_group) -> torch.Tensor:
     """Sums a per-shard partial over the vocabulary-parallel group (no-op at TP=1)."""
-    if _tp_size(tp_group) == 1:
+    if not _vocab_sharded(tp_group):
         return tensor
     return _AllReduceSumIdentityBackward.apply(tensor, tp_group)
 
@@ -64,11 +62,11 @@ def logsumexp(logits: torch.Tensor, tp_group=None) -> torch.Tensor:
     share of the gradient.
     """
     logits = _upcast(logits)
-    if _tp_size(tp_group) == 1:
+    if not _vocab_sharded(tp_group):
         return torch.logsumexp(logits, dim=-1)
     # the max is only a shift that cancels in logsumexp: detaching it changes no derivative
     shift = logits.detach().amax(dim=-1, keepdim=True)
-    dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=tp_group)
+    parallel.all_reduce(shift, tp_group, op="max")
     sum_exp = _reduce_over_vocab((logits - shift).exp().sum(dim=-1), tp_group)
     return sum_exp.log() + shift.squeeze(-1)
 
@@ -101,11 +99,11 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group=Non
     Twice differentiable at TP=1. At TP>1 the labels are global vocabulary ids and each rank holds one shard.
     """
     logits = _upcast(logits)
-    if _tp_size(tp_group) == 1:  # log_softmax's backward is about twice as fast as logsumexp's on CPU
+    if not _vocab_sharded(tp_group):  # log_softmax's backward is about twice as fast as logsumexp's on CPU
         return -F.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     else:
         shard = logits.shape[-1]
-        local = labels - dist.get_rank(tp_group) * shard
+        local = labels - parallel.group_rank(tp_group) * shard
         in_shard = (local >= 0) & (local < shard)
         picked = logits.gather(-1, local.clamp(0, shard - 1).unsqueeze(-1)).squeeze(-1) * in_shard
         picked = _reduce_over_vocab(picked, tp_group)
@@ -146,7 +144,7 @@ def token_kl_target_proxy(target_logits: torch.Tensor, proxy_logits: torch.Tenso
         logp_target = target - logsumexp(target, tp_group).unsqueeze(-1)
         p_target = logp_target.exp()
     proxy = _upcast(proxy_logits)
-    if _tp_size(tp_group) == 1:
+    if not _vocab_sharded(tp_group):
         return (p_target * (logp_target - F.log_softmax(proxy, dim=-1))).sum(dim=-1)
     partial = (p_target * (logp_target - proxy)).sum(dim=-1)
     return _reduce_over_vocab(partial, tp_group) + logsumexp(proxy, tp_group)
