@@ -92,6 +92,7 @@ def run_one(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from megatron_bliss.bilevel import BilevelConfig, BilevelRunConfig
+    from megatron_bliss.bilevel.config import BilevelPaths
     from megatron_bliss.bilevel.trainer import BilevelTrainer
     from megatron_bliss.models.gpt import causal_attention_mask, position_ids
     from megatron_bliss.models.presets import get_preset
@@ -106,9 +107,10 @@ def run_one(args) -> dict:
     engine, curvature, mixed = VARIANTS.get(args.variant, ("exact", "hessian", "jvp"))
     b = BilevelConfig(kl_coef=0.0, hvp_engine=engine, curvature=curvature, mixed_term=mixed, solver="sgd",
                       solver_steps=3, residual_interval=0, micro_batch_size=args.micro_batch,
-                      val_micro_batch_size=args.micro_batch, outer_steps=10 ** 6, output_dir=args.workdir,
+                      val_micro_batch_size=args.micro_batch, outer_steps=10 ** 6,
                       tensorboard=False, eval_interval=0, save_interval=10 ** 6)
-    trainer = BilevelTrainer(BilevelRunConfig(proxy=cfg, bilevel=b), train, (val_tokens, val_mask))
+    trainer = BilevelTrainer(BilevelRunConfig(proxy=cfg, bilevel=b), BilevelPaths(output_dir=args.workdir), train,
+                             (val_tokens, val_mask))
     proxy = trainer.proxy
     batch = torch.from_numpy(train[:args.micro_batch]).to(next(proxy.parameters()).device)
     tokens, labels = batch[:, :-1], batch[:, 1:]

@@ -278,14 +278,16 @@ def run_bliss(proxy_cfg, warm_proxy, pool, select_half, args, out_dir: str, sign
     import numpy as np
 
     from megatron_bliss.bilevel import BilevelConfig, BilevelRunConfig
+    from megatron_bliss.bilevel.config import BilevelPaths
     from megatron_bliss.bilevel.trainer import BilevelTrainer
     from megatron_bliss.score.scoring import score_sequences
 
     b = BilevelConfig(kl_coef=0.0, outer_steps=args.outer_steps, micro_batch_size=args.bilevel_batch,
                       val_micro_batch_size=args.bilevel_batch, score_lr=args.score_lr, proxy_lr=args.proxy_lr,
-                      output_dir=out_dir, eval_interval=0, residual_interval=args.residual_interval,
+                      eval_interval=0, residual_interval=args.residual_interval,
                       tensorboard=False, seed=args.seed, score_head_seed=args.seed, **solve)
-    trainer = BilevelTrainer(BilevelRunConfig(proxy=proxy_cfg, bilevel=b), pool, select_half[:2])
+    trainer = BilevelTrainer(BilevelRunConfig(proxy=proxy_cfg, bilevel=b), BilevelPaths(output_dir=out_dir), pool,
+                             select_half[:2])
     trainer.proxy.load_state_dict(warm_proxy.state_dict())  # the warm-up proxy in memory, not from a checkpoint
     trainer.start_round()  # score body from the (warm) proxy, fresh head
     untrained = score_sequences(trainer.score, pool, 256, bf16=False)

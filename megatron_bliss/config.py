@@ -139,38 +139,66 @@ def parse_overrides(args: Sequence[str]) -> dict:
     return out
 
 
+def _read_yaml(path: str | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: invalid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    loaded.pop("_base_", None)
+    return loaded
+
+
+def _check_reserved(cls, values: dict, where: str) -> None:
+    """Refuses keys a root class reserves (``reserved_keys``: {"section.key": why}) when the user set them."""
+    for dotted, why in getattr(cls, "reserved_keys", {}).items():
+        section, _, key = dotted.partition(".")
+        if isinstance(values.get(section), dict) and key in values[section]:
+            raise ConfigError(f"{where}: {dotted} cannot be set here: {why}")
+
+
 def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
     """Builds ``cls`` from its defaults, the YAML file at ``path`` and command-line overrides.
 
     Args:
-        cls: root dataclass; its fields are the sections.
+        cls: root dataclass; its fields are the sections. Its optional ``reserved_keys`` mapping
+            (``"section.key"`` -> reason) names fields the user may not set (a caller sets them).
         path: YAML file or None.
         overrides: ``--section.key=value`` strings (or ``--section.key value`` pairs).
 
     Raises:
         ConfigError naming the file or override and the offending key.
     """
-    values: dict = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                loaded = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: invalid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at the top level")
-        loaded.pop("_base_", None)
-        values = loaded
+    return _load(cls, _read_yaml(path), parse_overrides(overrides), path)
+
+
+def load_stage_config(cls: type[T], paths_cls: type, path: str | None = None,
+                      overrides: Sequence[str] = ()) -> tuple:
+    """``(config, paths)`` of a stage: the ``paths`` section (of the file and of ``--paths.key=value``) builds
+    ``paths_cls``, everything else builds ``cls``, as :func:`load_config` does."""
+    values, extra = _read_yaml(path), parse_overrides(overrides)
+    paths = _load(paths_cls, values.pop("paths", None) or {}, extra.pop("paths", None) or {}, path, "paths")
+    return _load(cls, values, extra, path), paths
+
+
+def _load(cls, values: dict, extra: dict, path: str | None, where: str = ""):
+    """``cls`` from file ``values`` then override values ``extra``; errors name the file or the override."""
     try:
-        base = _build(cls, values, "")
+        _check_reserved(cls, values, str(path))
+        base = _build(cls, values, where)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    if overrides:
+    if extra:
         # merge raw values, not the resolved config, so derived defaults (e.g. ffn = 4h) follow the overrides
         try:
-            base = _build(cls, _merge(values, parse_overrides(overrides)), "")
+            _check_reserved(cls, extra, "command-line override")
+            base = _build(cls, _merge(values, extra), where)
         except ConfigError as exc:
             raise ConfigError(f"command-line override: {exc}") from None
     validate = getattr(base, "validate", None)
@@ -193,19 +221,23 @@ def config_hash(cfg, exclude: Sequence[str] = ()) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def dump(cfg, path: str) -> None:
-    """Writes the resolved config as YAML, atomically."""
+def dump(cfg, path: str, paths=None) -> None:
+    """Writes the resolved config (with its ``paths`` section, when given) as YAML, atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
+    values = to_dict(cfg)
+    if paths is not None:
+        values["paths"] = to_dict(paths)
     with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        yaml.safe_dump(values, f, sort_keys=False)
     os.replace(tmp, path)
 
 
 def parse_cli(cls: type[T], argv: Sequence[str] | None = None, description: str = "",
-              prog: str | None = None) -> T:
+              prog: str | None = None, paths_cls: type | None = None):
     """``--config FILE`` plus ``--section.key=value`` overrides from ``argv`` (default ``sys.argv[1:]``); a bad
-    file, key or value exits with a usage error naming it."""
+    file, key or value exits with a usage error naming it. With ``paths_cls``, returns ``(config, paths)`` as
+    :func:`load_stage_config` does."""
     import argparse
     import sys
 
@@ -214,6 +246,8 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, description: str 
     parser.add_argument("--config", help="YAML file layered over the defaults")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
+        if paths_cls is not None:
+            return load_stage_config(cls, paths_cls, args.config, rest)
         return load_config(cls, args.config, rest)
     except (ConfigError, ValueError) as exc:
         parser.error(str(exc))

@@ -2,9 +2,13 @@
 
 Single node, 8 GPUs::
 
-    torchrun --nproc-per-node 8 -m megatron_bliss.bilevel --config examples/configs/bilevel_160m.yaml \\
-        --bilevel.warmup_proxy runs/bliss/warmup/proxy --bilevel.target runs/bliss/round1/target_start \\
-        --bilevel.train_prefix data/c4_shard1 --bilevel.val_prefix data/lambada --bilevel.output_dir runs/bliss/round1/bilevel
+    torchrun --nproc-per-node 8 -m megatron_bliss.bilevel --config ROUND.yaml \\
+        --paths.warmup_proxy runs/bliss/round0/proxy --paths.target runs/bliss/round0/target \\
+        --paths.train_prefix data/c4_shard1 --paths.val_prefix data/lambada \\
+        --paths.output_dir runs/bliss/round1/bilevel
+
+The file's sections are those of :class:`~megatron_bliss.bilevel.config.BilevelRunConfig` plus ``paths``
+(:class:`~megatron_bliss.bilevel.config.BilevelPaths`).
 
 A plain ``python -m megatron_bliss.bilevel ...`` is a world of one. Rerunning the same command resumes.
 """
@@ -18,16 +22,17 @@ from collections.abc import Sequence
 def main(argv: Sequence[str] | None = None) -> int:
     """Parses the layered config, runs (or resumes) the round, tears down; returns the exit code."""
     from megatron_bliss import parallel
-    from megatron_bliss.bilevel.config import BilevelRunConfig
+    from megatron_bliss.bilevel.config import BilevelPaths, BilevelRunConfig
     from megatron_bliss.config import parse_cli
     from megatron_bliss.log import setup_logging
 
-    cfg = parse_cli(BilevelRunConfig, argv, __doc__.split("\n\n")[0], prog="python -m megatron_bliss.bilevel")
+    cfg, paths = parse_cli(BilevelRunConfig, argv, __doc__.split("\n\n")[0], prog="megatron-bliss bilevel",
+                           paths_cls=BilevelPaths)
     setup_logging()
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     from megatron_bliss.bilevel.trainer import run_bilevel
 
-    run_bilevel(cfg)
+    run_bilevel(cfg, paths)
     parallel.destroy()
     return 0
 

@@ -8,7 +8,6 @@ run on which attention backend and tensor-parallel size) are in :mod:`megatron_b
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from megatron_bliss.models.presets import ModelConfig
@@ -92,23 +91,10 @@ class BilevelConfig:
     proxy_grad_clip: float = 1.0
     """Global gradient-norm clip of the proxy's inner steps (0 disables)."""
 
-    # --- inputs ---
-    train_prefix: str = ""
-    """Indexed dataset (sequences mode) of candidate training sequences."""
-    val_prefix: str = ""
-    """Validation set prefix (tokens + continuation-only loss mask)."""
-    warmup_proxy: str = ""
-    """Checkpoint of the warm-up proxy: the proxy is reset to it at the start of the round."""
-    target: str = ""
-    """Checkpoint of the target at the start of the round (needed when kl_coef > 0)."""
-    init_score: str = ""
-    """Score-model checkpoint of the previous round; empty initializes the body from the warm-up proxy."""
     score_head_seed: int = 0
     """Seed of a fresh score head (round 1)."""
 
-    # --- outputs and bookkeeping ---
-    output_dir: str = "runs/bilevel"
-    """Run directory: checkpoints, metrics.jsonl, TensorBoard events, resolved config, final score model."""
+    # --- bookkeeping ---
     log_interval: int = 1
     """Write metrics every this many outer steps."""
     eval_interval: int = 10
@@ -152,9 +138,24 @@ class BilevelConfig:
         if self.micro_batch_size < 2:
             raise ValueError("bilevel.micro_batch_size must be >= 2: the weights are a softmax over the batch")
 
-    def replace(self, **changes) -> BilevelConfig:
-        """A copy with ``changes`` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class BilevelPaths:
+    """The files a round reads and writes (the ``paths`` section; the pipeline sets them per round)."""
+
+    train_prefix: str = ""
+    """Indexed dataset (sequences mode) of candidate training sequences."""
+    val_prefix: str = ""
+    """Validation set prefix (tokens + continuation-only loss mask)."""
+    warmup_proxy: str = ""
+    """Checkpoint of the warm-up proxy: the proxy is reset to it at the start of the round."""
+    target: str = ""
+    """Checkpoint of the target at the start of the round (needed when kl_coef > 0)."""
+    init_score: str = ""
+    """Score-model checkpoint of the previous round; empty initializes the body from the warm-up proxy."""
+    output_dir: str = "runs/bilevel"
+    """Run directory: checkpoints, metrics.jsonl, TensorBoard events, resolved config, final score model."""
 
 
 @dataclass

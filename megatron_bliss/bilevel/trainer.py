@@ -23,32 +23,24 @@ hypergradient is DP-invariant (see :mod:`.hypergradient`). No megatron DDP wrapp
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
 import time
 
 import torch
-import torch.distributed as dist
 
+from megatron_bliss import checkpointing as ckpt
 from megatron_bliss import parallel
-from megatron_bliss.bilevel.config import BilevelRunConfig
+from megatron_bliss.bilevel.config import BilevelPaths, BilevelRunConfig
 from megatron_bliss.bilevel.data import TrainStream, ValidationStream
-from megatron_bliss.bilevel.hvp import all_reduce_mean_tensors
 from megatron_bliss.bilevel.hypergradient import choose_engine, score_hypergradient
 from megatron_bliss.bilevel.losses import Normalizer, lower_level_loss, validation_loss
 from megatron_bliss.log import MetricsWriter
-from megatron_bliss.models.checkpoint import METADATA_FILE, load_model, save_checkpoint
 from megatron_bliss.models.gpt import build_gpt, gpt_logits
 from megatron_bliss.models.score_model import ScoreModel
 
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "bilevel_state_tp{tp}.pt"
-LATEST_FILE = "latest_checkpointed_iteration.txt"
-
 
 def cosine_lr(step: int, total: int, peak: float, warmup_fraction: float, min_ratio: float) -> float:
     """Linear warm-up over ``warmup_fraction`` of ``total`` steps, then cosine decay to ``min_ratio · peak``."""
@@ -77,14 +69,15 @@ class BilevelTrainer:
     """Builds the three models, the data streams and the optimizers of a round, and runs it.
 
     Args:
-        cfg: the run configuration.
-        train_data: an ``[N, L]`` array instead of ``cfg.bilevel.train_prefix`` (tests, benchmarks).
-        val_data: a ``(tokens, loss_mask)`` pair instead of ``cfg.bilevel.val_prefix``.
+        cfg: the run configuration (hyperparameters).
+        paths: the files the round reads and writes.
+        train_data: an ``[N, L]`` array instead of ``paths.train_prefix`` (tests, benchmarks).
+        val_data: a ``(tokens, loss_mask)`` pair instead of ``paths.val_prefix``.
     """
 
-    def __init__(self, cfg: BilevelRunConfig, train_data=None, val_data=None):
+    def __init__(self, cfg: BilevelRunConfig, paths: BilevelPaths, train_data=None, val_data=None):
         cfg.validate()
-        self.cfg, b = cfg, cfg.bilevel
+        self.cfg, self.paths, b = cfg, paths, cfg.bilevel
         parallel.initialize(cfg.parallel)
         self.group = parallel.data_parallel_group()
         dp_rank, dp_size = parallel.data_parallel_rank_and_size()
@@ -95,12 +88,12 @@ class BilevelTrainer:
         parallel.log_rank0("bilevel: HVP engine %s, curvature %s, mixed term %s (%s)", self.engine.engine,
                            b.curvature, self.engine.mixed_term, self.engine.reason)
         device = parallel.get_device()
-        self.train_stream = TrainStream(train_data if train_data is not None else b.train_prefix,
+        self.train_stream = TrainStream(train_data if train_data is not None else paths.train_prefix,
                                         b.micro_batch_size, dp_rank, dp_size, b.seed, device=device)
-        self.val_stream = ValidationStream(val_data if val_data is not None else b.val_prefix,
+        self.val_stream = ValidationStream(val_data if val_data is not None else paths.val_prefix,
                                            b.val_micro_batch_size, dp_rank, dp_size, b.seed, device=device)
-        checks = ((f"training sequences of {b.train_prefix or 'the given array'}", self.train_stream.sequences),
-                  (f"validation examples of {b.val_prefix or 'the given arrays'}", self.val_stream.tokens))
+        checks = ((f"training sequences of {paths.train_prefix or 'the given array'}", self.train_stream.sequences),
+                  (f"validation examples of {paths.val_prefix or 'the given arrays'}", self.val_stream.tokens))
         for what, array in checks:  # the model sees all but the last token of each
             if array.shape[1] - 1 > cfg.proxy.seq_length:
                 raise ValueError(f"{what} have {array.shape[1]} tokens: the proxy would see {array.shape[1] - 1} "
@@ -110,12 +103,12 @@ class BilevelTrainer:
         self.score_opt = build_adamw(self.score, b.score_lr, b)
         self.step, self.proxy_steps, self.normalizer, self.z = 0, 0, None, None
         self.skipped = {"inner": 0, "outer": 0, "consecutive": 0}
-        self.ckpt_dir = os.path.join(b.output_dir, "checkpoints")
+        self.checkpoints = ckpt.CheckpointManager(os.path.join(paths.output_dir, "checkpoints"), b.keep_checkpoints)
         self._saved_step = None
         if not self.load():
             self.start_round()
         self._load_target()
-        self.metrics = MetricsWriter(b.output_dir, purge_step=self.step, tensorboard=b.tensorboard)
+        self.metrics = MetricsWriter(paths.output_dir, purge_step=self.step, tensorboard=b.tensorboard)
 
     # ------------------------------------------------------------------------------------------------------ loop
     def train(self) -> dict:
@@ -164,7 +157,7 @@ class BilevelTrainer:
         out = lower_level_loss(self.proxy, self.score, tokens, self._target_logits(tokens), gamma=b.kl_coef,
                                reg=b.l2_coef, normalizer=self.normalizer, group=self.group, scores=scores)
         params = list(self.proxy.parameters())
-        grads = all_reduce_mean_tensors(torch.autograd.grad(out.loss, params), self.group)
+        grads = parallel.all_reduce_tensors(torch.autograd.grad(out.loss, params), self.group, mean=True)
         grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
         step = self.proxy_steps
         if not math.isfinite(grad_norm) or not math.isfinite(float(out.loss.detach())):
@@ -213,8 +206,7 @@ class BilevelTrainer:
             loss, _ = validation_loss(self.proxy, batch["tokens"], batch["loss_mask"], local=True)
             count = batch["loss_mask"][:, 1:].sum()
             total += torch.stack([loss.double() * count, count.double()])
-        if dist.is_initialized():
-            dist.all_reduce(total, group=self.group)
+        parallel.all_reduce(total, self.group)
         return float(total[0] / total[1].clamp_min(1))
 
     # ---------------------------------------------------------------------------------------------------- helpers
@@ -245,10 +237,8 @@ class BilevelTrainer:
     def _dp_reduce(self, values, mean) -> list:
         """Sums (or averages, where ``mean``) scalars over the data-parallel group in one all-reduce."""
         flat = torch.stack([v.detach().double().reshape(()) for v in values])
-        size = 1
-        if dist.is_initialized():
-            dist.all_reduce(flat, group=self.group)
-            size = dist.get_world_size(self.group)
+        parallel.all_reduce(flat, self.group)
+        size = parallel.group_size(self.group)
         return [float(v) / (size if m else 1) for v, m in zip(flat, mean)]
 
     def _batch_stats(self, weights, scores) -> dict:
@@ -257,9 +247,8 @@ class BilevelTrainer:
         stats = torch.stack([-(w * w.clamp_min(1e-300).log()).sum(), scores.double().sum(),
                              (scores.double() ** 2).sum(), w.new_tensor(float(len(scores)))])
         extremes = torch.stack([scores.max(), -scores.min()]).double()
-        if dist.is_initialized():
-            dist.all_reduce(stats, group=self.group)
-            dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.group)
+        parallel.all_reduce(stats, self.group)
+        parallel.all_reduce(extremes, self.group, op="max")
         mean = stats[1] / stats[3]
         return {"weight_entropy": float(stats[0]), "weight_entropy_uniform": math.log(float(stats[3])),
                 "score_mean": float(mean), "score_std": float((stats[2] / stats[3] - mean ** 2).clamp_min(0).sqrt()),
@@ -268,40 +257,51 @@ class BilevelTrainer:
     # ------------------------------------------------------------------------------------------- start and resume
     def start_round(self) -> None:
         """Proxy from the warm-up checkpoint; score model inherited or initialized from the proxy."""
-        b = self.cfg.bilevel
-        if b.warmup_proxy:
-            load_model(_resolve(b.warmup_proxy), self.proxy, self.cfg.proxy)
+        p = self.paths
+        if p.warmup_proxy:
+            ckpt.load_model(p.warmup_proxy, self.proxy, self.cfg.proxy)
         else:
-            logger.warning("bilevel.warmup_proxy is empty: the proxy starts from a random initialization")
-        if b.init_score:
-            load_model(_resolve(b.init_score), self.score, self.cfg.proxy, "score")
+            logger.warning("paths.warmup_proxy is empty: the proxy starts from a random initialization")
+        if p.init_score:
+            ckpt.load_model(p.init_score, self.score, self.cfg.proxy, "score")
         else:
             self.score.init_body_from_proxy(self.proxy)
-            self.score.reset_head(b.score_head_seed)
+            self.score.reset_head(self.cfg.bilevel.score_head_seed)
 
     def _load_target(self) -> None:
         if self.target is None:
             return
-        if not self.cfg.bilevel.target:
-            raise ValueError("bilevel.kl_coef > 0 needs bilevel.target (the target checkpoint of this round)")
-        load_model(_resolve(self.cfg.bilevel.target), self.target, self.cfg.target)
+        if not self.paths.target:
+            raise ValueError("bilevel.kl_coef > 0 needs paths.target (the target checkpoint of this round)")
+        ckpt.load_model(self.paths.target, self.target, self.cfg.target)
         self.target.eval()
 
     def state_dict(self) -> dict:
-        """Everything of the trainer that a resumed run needs besides the models (tensors, numbers, dicts)."""
+        """Counters, normalizer and data positions (models, optimizers and z are saved beside it)."""
         return {"step": self.step, "proxy_steps": self.proxy_steps,
                 "normalizer": self.normalizer.state_dict() if self.normalizer else None,
-                "z": self.z, "skipped": dict(self.skipped), "train_data": self.train_stream.state_dict(),
+                "skipped": dict(self.skipped), "train_data": self.train_stream.state_dict(),
                 "val_data": self.val_stream.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Inverse of :meth:`state_dict`."""
         self.step, self.proxy_steps = int(state["step"]), int(state["proxy_steps"])
         self.normalizer = Normalizer.from_state_dict(state["normalizer"])
-        self.z = state["z"]
         self.skipped = dict(state["skipped"])
         self.train_stream.load_state_dict(state["train_data"])
         self.val_stream.load_state_dict(state["val_data"])
+
+    def _states(self) -> dict:
+        """What a round's checkpoint holds: both models, both optimizers, the warm-start z and this trainer."""
+        proxy = ckpt.ModelState(self.proxy, self.cfg.proxy, "proxy")
+        score = ckpt.ModelState(self.score, self.cfg.proxy, "score")
+
+        def set_z(z):
+            self.z = z
+        return {"proxy": proxy, "score": score,
+                "proxy_opt": ckpt.TorchOptimizerState(self.proxy_opt, proxy),
+                "score_opt": ckpt.TorchOptimizerState(self.score_opt, score),
+                "z": ckpt.ParamAlignedState(proxy, "z", lambda: self.z, set_z), "trainer": self}
 
     def save(self) -> None:
         """Writes ``checkpoints/iter_{step}`` atomically, then the latest marker; refuses non-finite weights."""
@@ -311,107 +311,37 @@ class BilevelTrainer:
         if not _all_finite(tensors):
             logger.error("non-finite weights at step %d: checkpoint NOT written", self.step)
             return
-        from megatron.core import parallel_state as ps
-
-        final = os.path.join(self.ckpt_dir, f"iter_{self.step:07d}")
-        tmp = final + ".tmp"
-        dp_rank, _ = parallel.data_parallel_rank_and_size()
-        if parallel.is_rank0():
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        _barrier()
-        if dp_rank == 0:  # data-parallel replicas are identical: one file per tensor-parallel rank
-            state = {"proxy": self.proxy.state_dict(), "score": self.score.state_dict(),
-                     "proxy_opt": self.proxy_opt.state_dict(), "score_opt": self.score_opt.state_dict(),
-                     "trainer": self.state_dict()}
-            path = os.path.join(tmp, STATE_FILE.format(tp=ps.get_tensor_model_parallel_rank()))
-            torch.save(state, path + ".part")
-            os.replace(path + ".part", path)
-        _barrier()
-        if parallel.is_rank0():
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump({"step": self.step, "preset": self.cfg.proxy.preset,
-                           "shape": self.cfg.proxy.shape_dict()}, f)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            _write_atomic(os.path.join(self.ckpt_dir, LATEST_FILE), f"{self.step}\n")
-            for old in _finished_checkpoints(self.ckpt_dir)[:-self.cfg.bilevel.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+        self.checkpoints.save(self.step, self._states())
         self._saved_step = self.step
 
     def load(self) -> bool:
-        """Resumes from the latest checkpoint of ``output_dir``; False when there is none."""
-        from megatron.core import parallel_state as ps
-
-        marker = os.path.join(self.ckpt_dir, LATEST_FILE)
-        if not os.path.isfile(marker):
+        """Resumes from the latest checkpoint of ``output_dir``, whatever layout wrote it; False when there is none."""
+        if self.checkpoints.load_latest(self._states()) is None:
             return False
-        with open(marker) as f:
-            step = int(f.read().strip())
-        path = os.path.join(self.ckpt_dir, f"iter_{step:07d}")
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-        if meta["shape"] != self.cfg.proxy.shape_dict():
-            raise ValueError(f"{path} was written for proxy shape {meta['shape']} ({meta['preset']}), this run's "
-                             f"proxy is {self.cfg.proxy.shape_dict()}: use another bilevel.output_dir")
-        state = torch.load(os.path.join(path, STATE_FILE.format(tp=ps.get_tensor_model_parallel_rank())),
-                           weights_only=True)
-        self.proxy.load_state_dict(state["proxy"])
-        self.score.load_state_dict(state["score"])
-        self.proxy_opt.load_state_dict(state["proxy_opt"])
-        self.score_opt.load_state_dict(state["score_opt"])
-        self.load_state_dict(state["trainer"])
         self._saved_step = self.step
-        parallel.log_rank0("bilevel: resumed from %s at outer step %d", path, self.step)
+        parallel.log_rank0("bilevel: resumed from %s at outer step %d",
+                           self.checkpoints.iteration_dir(self.step), self.step)
         return True
 
     def export_score(self) -> str:
         """Saves the trained score model (dist-checkpointing, role ``score``) to ``output_dir/score``; a finished
         export of this step is kept (a rerun of a finished round does nothing)."""
-        path = os.path.join(self.cfg.bilevel.output_dir, "score")
-        meta = os.path.join(path, METADATA_FILE)
-        if os.path.isfile(meta):
-            with open(meta) as f:
-                if json.load(f).get("step") == self.step:
-                    return path
-        save_checkpoint(path, self.score, self.cfg.proxy, "score", extra_metadata={"step": self.step})
+        path = os.path.join(self.paths.output_dir, "score")
+        try:
+            if ckpt.read_metadata(path).get("step") == self.step:
+                return path
+        except ckpt.CheckpointError:
+            pass
+        ckpt.save_model(path, self.score, self.cfg.proxy, "score", {"step": self.step})
         return path
 
     def _dump_config(self) -> None:
         if parallel.is_rank0():
             from megatron_bliss.config import dump
 
-            dump(self.cfg, os.path.join(self.cfg.bilevel.output_dir, "config.yaml"))
+            dump(self.cfg, os.path.join(self.paths.output_dir, "config.yaml"), paths=self.paths)
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _finished_checkpoints(directory: str) -> list:
-    names = sorted(n for n in os.listdir(directory) if n.startswith("iter_") and not n.endswith(".tmp")
-                   and os.path.isfile(os.path.join(directory, n, "meta.json")))
-    return [os.path.join(directory, n) for n in names]
-
-
-def _resolve(path: str) -> str:
-    """A checkpoint directory, or the latest one of a pretraining save_dir."""
-    from megatron_bliss.pretrain.checkpointing import resolve_checkpoint
-
-    return resolve_checkpoint(path)
-
-
-def run_bilevel(cfg: BilevelRunConfig, train_data=None, val_data=None) -> dict:
+def run_bilevel(cfg: BilevelRunConfig, paths: BilevelPaths, train_data=None, val_data=None) -> dict:
     """Runs (or resumes) one bilevel round; returns the last metrics."""
-    return BilevelTrainer(cfg, train_data, val_data).train()
+    return BilevelTrainer(cfg, paths, train_data, val_data).train()

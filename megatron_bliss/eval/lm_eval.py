@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -227,23 +226,6 @@ def greedy_generate(model, tokenizer, context: str, *, until: Sequence[str] = ()
     return text
 
 
-def model_config_from_run(checkpoint: str, resolved: str):
-    """The ``model`` section of the run's ``config.yaml`` beside a checkpoint (a save_dir's, or an ``iter_*``
-    directory's parent's); None when there is none."""
-    import yaml
-
-    from megatron_bliss.models import ModelConfig
-
-    for directory in (checkpoint, os.path.dirname(os.path.abspath(resolved))):
-        path = os.path.join(directory, "config.yaml")
-        if os.path.isfile(path):
-            with open(path) as f:
-                section = (yaml.safe_load(f) or {}).get("model")
-            if isinstance(section, dict):
-                return ModelConfig(**{**ModelConfig.config_defaults(section), **section})
-    return None
-
-
 def load_target(checkpoint: str, model_cfg=None, *, tokenizer_path: str | None = None,
                 device: str | None = None, precision: str = "auto", model_overrides: dict | None = None):
     """Builds the target GPT of a checkpoint for inference, in this process alone.
@@ -251,7 +233,7 @@ def load_target(checkpoint: str, model_cfg=None, *, tokenizer_path: str | None =
     Args:
         checkpoint: an ``iter_*`` checkpoint or a save_dir (its latest).
         model_cfg: the target's :class:`ModelConfig`; None builds it from ``model_overrides`` when given, else
-            from the run's ``config.yaml`` beside the checkpoint.
+            from the config saved in the checkpoint.
         tokenizer_path: the tokenizer the target was trained with (default: the bundled 8k BPE).
         device: "auto", "cpu" or "cuda"; the model goes where megatron_bliss.parallel puts it, so "cpu" on a
             machine with GPUs needs ``CUDA_VISIBLE_DEVICES=`` (the CLI sets it).
@@ -263,24 +245,21 @@ def load_target(checkpoint: str, model_cfg=None, *, tokenizer_path: str | None =
     """
     from megatron.core import parallel_state as ps
 
+    from megatron_bliss import checkpointing as ckpt
     from megatron_bliss import parallel
     from megatron_bliss.data import build_tokenizer
     from megatron_bliss.data.tokenizer import DEFAULT_TOKENIZER
-    from megatron_bliss.models import ModelConfig, build_gpt, load_checkpoint
-    from megatron_bliss.pretrain.checkpointing import resolve_checkpoint
+    from megatron_bliss.models import ModelConfig, build_gpt
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but CUDA is not available")
     if device == "cpu" and torch.cuda.is_available():
         raise RuntimeError("device 'cpu' requested on a machine with visible GPUs: set CUDA_VISIBLE_DEVICES=")
-    resolved = resolve_checkpoint(checkpoint)
+    resolved = ckpt.resolve(checkpoint)
     if model_cfg is None and model_overrides:
         model_cfg = ModelConfig(**{**ModelConfig.config_defaults(model_overrides), **model_overrides})
     if model_cfg is None:
-        model_cfg = model_config_from_run(checkpoint, resolved)
-        if model_cfg is None:
-            raise ValueError(f"no config.yaml with a model section beside {checkpoint}: set model.preset (and the "
-                             "run's model overrides, e.g. model.vocab_size)")
+        model_cfg = ckpt.model_config(resolved)
     tokenizer = build_tokenizer(tokenizer_path or DEFAULT_TOKENIZER)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model only "
@@ -292,7 +271,7 @@ def load_target(checkpoint: str, model_cfg=None, *, tokenizer_path: str | None =
     if parallel.world_size() != 1:
         raise RuntimeError("evaluation runs in a single process; launch it with python, not torchrun")
     model = build_gpt(model_cfg)
-    load_checkpoint(resolved, model, model_cfg, role="target")
+    ckpt.load_model(resolved, model, model_cfg, role="target")
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be auto|bf16|fp32, got {precision!r}")
     on_gpu = next(model.parameters()).is_cuda

@@ -1,8 +1,9 @@
 """Configuration of a whole BLISS run: data shards, the three models, and the per-phase settings.
 
 The sections reuse each phase's own config classes (``train``/``optim``/``schedule`` from pretraining, ``bilevel``
-from the bilevel round, ``scoring``/``selection`` from selection); the pipeline fills in the paths and the
-per-round values (steps, learning-rate multiplier, checkpoints) when it builds each phase's config.
+from the bilevel round, ``scoring`` and ``selection``). The pipeline passes each phase its paths and never rewrites
+a field the user set: the few per-phase values it sets itself (:attr:`PipelineRunConfig.reserved_keys`) are refused
+in a pipeline config, naming the field.
 """
 
 from __future__ import annotations
@@ -81,6 +82,16 @@ class ScheduleSection:
 class PipelineRunConfig:
     """``torchrun ... -m megatron_bliss.pipeline --config FILE``: warm-up, then rounds of select-and-train."""
 
+    reserved_keys = {
+        "train.train_steps": "the pipeline sets it per phase from steps.target_warmup_steps and "
+                             "steps.target_round_steps",
+        "proxy_train.train_steps": "the pipeline sets it from steps.proxy_warmup_steps",
+        "schedule.lr_multiplier": "the pipeline sets it per round to steps.round_lr_factor ** round",
+        "bilevel.seed": "the pipeline sets it per round to parallel.seed + round",
+        "selection.seed": "the pipeline sets it per round to parallel.seed + round",
+    }
+    """Fields of the phases' sections that the pipeline sets itself; a config that sets one is refused."""
+
     run: RunSection = field(default_factory=RunSection)
     """Run directory, method and number of rounds."""
     data: PipelineDataConfig = field(default_factory=PipelineDataConfig)
@@ -131,9 +142,23 @@ class PipelineRunConfig:
                                  self.parallel.virtual_pipeline_model_parallel_size)
 
     def fingerprint(self) -> dict:
-        """What decides the outputs (for the manifest's config hash): everything but run.force."""
+        """What decides the outputs of this run's phases (the manifest's config hash).
+
+        Left out: settings no phase reads for this method (the random baseline has no proxy, bilevel or scoring
+        phase, and takes only the subset size from ``selection``), and settings that change no output (where the
+        run lives, forcing, checkpoint and logging cadence, the number of rounds: round r never depends on later
+        rounds, so a run can be extended).
+        """
         from megatron_bliss.config import to_dict
 
         d = to_dict(self)
-        d["run"].pop("force", None)
+        for key in ("force", "run_dir", "save_interval", "rounds"):
+            d["run"].pop(key)
+        for key in ("log_interval", "tensorboard", "save_interval", "keep_checkpoints"):
+            d["bilevel"].pop(key)
+        if self.run.method == "random":
+            for section in ("proxy", "proxy_train", "proxy_optim", "bilevel", "scoring"):
+                d.pop(section)
+            d["selection"] = {"fraction": self.selection.fraction, "top_k": self.selection.top_k}
+            d["steps"].pop("proxy_warmup_steps")
         return d

@@ -72,7 +72,7 @@ class Manifest:
             if stored.get("config_hash") != config_hash and not force:
                 raise ManifestError(
                     f"{run_dir} was started with another configuration (hash {stored.get('config_hash')}, now "
-                    f"{config_hash}); use a new run directory, or pass --force to resume it anyway")
+                    f"{config_hash}); use a new run directory, or pass --run.force=true to resume it anyway")
             if stored.get("config_hash") != config_hash:
                 stored.setdefault("forced_from", []).append(stored.get("config_hash"))
                 stored["config_hash"] = config_hash

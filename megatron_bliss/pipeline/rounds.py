@@ -35,13 +35,6 @@ def _round_dir(cfg: PipelineRunConfig, r: int) -> str:
     return os.path.join(cfg.run.run_dir, f"round{r}")
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _target_config(cfg: PipelineRunConfig, *, model: ModelConfig, prefixes, save_dir: str, total_steps: int,
                    lr_multiplier: float = 1.0, load: str | None = None, branch_from: str | None = None,
                    proxy: bool = False):
@@ -132,13 +125,13 @@ class BlissPipeline:
             parallel.log_rank0("pipeline: %s", key)
             start = time.time()
             info = phase()
-            _barrier()
+            parallel.barrier()
             info["seconds"] = time.time() - start
             outputs = info.pop("outputs", [])
             self.manifest.mark_done(key, outputs=outputs, info=info)
             if parallel.is_rank0():
                 write_report([self.cfg.run.run_dir], os.path.join(self.cfg.run.run_dir, "report"))
-        _barrier()
+        parallel.barrier()
         return os.path.join(self.cfg.run.run_dir, "report")
 
     # --------------------------------------------------------------------------------------------- the phases
@@ -173,29 +166,28 @@ class BlissPipeline:
                 "flops": _lm_flops(c.proxy, c.steps.proxy_warmup_steps, c.proxy_train)}
 
     def bilevel(self, r: int) -> dict:
-        from megatron_bliss.bilevel.config import BilevelRunConfig
+        from megatron_bliss.bilevel.config import BilevelPaths, BilevelRunConfig
         from megatron_bliss.bilevel.trainer import run_bilevel
 
         c, p, prev = self.cfg, self._paths(r), self._paths(r - 1)
-        b = dataclasses.replace(
-            c.bilevel, train_prefix=c.data.shards[r], val_prefix=c.data.valid_prefix,
-            warmup_proxy=self._paths(0)["proxy"], target=prev["target"] if c.bilevel.kl_coef > 0 else "",
-            init_score=prev["score"] if r > 1 else "", output_dir=p["bilevel"], seed=c.parallel.seed + r)
+        b = dataclasses.replace(c.bilevel, seed=c.parallel.seed + r)
+        paths = BilevelPaths(train_prefix=c.data.shards[r], val_prefix=c.data.valid_prefix,
+                             warmup_proxy=self._paths(0)["proxy"], target=prev["target"] if b.kl_coef > 0 else "",
+                             init_score=prev["score"] if r > 1 else "", output_dir=p["bilevel"])
         bcfg = BilevelRunConfig(proxy=c.proxy, target=c.target if b.kl_coef > 0 else None,
                                 parallel=self._data_parallel(), bilevel=b)
-        metrics = run_bilevel(bcfg)
+        metrics = run_bilevel(bcfg, paths)
         return {"kind": "selection", "steps": b.outer_steps, "metrics": metrics, "flops": self._bilevel_flops(b),
                 "outputs": [p["score"]]}
 
     def score(self, r: int) -> dict:
-        from megatron_bliss.score.config import ScoreRunConfig
+        from megatron_bliss.score.config import ScorePaths, ScoreRunConfig
         from megatron_bliss.score.scoring import run_scoring
 
         c, p = self.cfg, self._paths(r)
-        scfg = ScoreRunConfig(model=c.proxy, parallel=self._data_parallel(),
-                              scoring=dataclasses.replace(c.scoring, checkpoint=p["score"],
-                                                          data_prefix=c.data.shards[r], output_dir=p["scores"]))
-        path = run_scoring(scfg)
+        scfg = ScoreRunConfig(model=c.proxy, parallel=self._data_parallel(), scoring=c.scoring)
+        path = run_scoring(scfg, ScorePaths(checkpoint=p["score"], data_prefix=c.data.shards[r],
+                                            output_dir=p["scores"]))
         n = len(np.load(path, mmap_mode="r"))
         flops = model_flops_per_token(c.proxy, output_layer=False) / 3 * n * c.proxy.seq_length
         return {"kind": "selection", "sequences": n, "flops": flops, "outputs": [path]}
@@ -208,14 +200,14 @@ class BlissPipeline:
         c, p = self.cfg, self._paths(r)
         info = {"kind": "selection", "method": c.run.method}
         if parallel.is_rank0():
+            selection = dataclasses.replace(c.selection, seed=c.parallel.seed + r)
             if c.run.method == "bliss":
                 scores = np.load(os.path.join(p["scores"], "scores.npy"))
-                indices = select_indices(scores, c.selection)
+                indices = select_indices(scores, selection)
                 info["threshold"] = float(scores[indices].min())
             else:
                 n = len(read_sequences(c.data.shards[r]))
-                baseline = dataclasses.replace(c.selection, method="random", seed=c.parallel.seed + r)
-                indices = select_indices(np.zeros(n), baseline)
+                indices = select_indices(np.zeros(n), dataclasses.replace(selection, method="random"))
             write_subset(c.data.shards[r], indices, p["subset"])
             info["selected"] = int(len(indices))
         return {**info, "outputs": [p["subset"] + ".bin", p["subset"] + ".idx"]}

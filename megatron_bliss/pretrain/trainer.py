@@ -22,12 +22,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
+from megatron_bliss import checkpointing as ckpt
 from megatron_bliss import parallel
 from megatron_bliss.config import config_hash, dump
 from megatron_bliss.log import MetricsWriter
-from megatron_bliss.models.checkpoint import load_checkpoint, save_checkpoint
 from megatron_bliss.models.presets import model_flops_per_token
-from megatron_bliss.pretrain import checkpointing as ckpt
 from megatron_bliss.pretrain.build import build_model_and_optimizer
 from megatron_bliss.pretrain.config import PretrainRunConfig
 from megatron_bliss.pretrain.data import TrainBatches, ValidationBatches
@@ -78,6 +77,8 @@ class PretrainTrainer(Stateful):
         self.branch_end: int | None = None
         self.flops_per_token = model_flops_per_token(cfg.model)
         self.peak_flops = cfg.logging.peak_flops or detect_peak_flops()
+        self.checkpoints = ckpt.CheckpointManager(cfg.checkpoint.save_dir, cfg.checkpoint.keep_last)
+        self.model_state = ckpt.ModelState(self.chunks, cfg.model, "target")
         self._saved_step: int | None = None
 
     # ---- the loop -------------------------------------------------------------------------------------------
@@ -96,8 +97,7 @@ class PretrainTrainer(Stateful):
         metrics: dict = {}
         if cfg.checkpoint.save_dir and cfg.checkpoint.save_initial and self.step == 0:
             # weights only and no latest marker: a starting point for other runs (checkpoint.load_weights_only)
-            save_checkpoint(ckpt.iteration_dir(cfg.checkpoint.save_dir, 0), self.chunks, cfg.model, "target",
-                            extra_metadata={"step": 0})
+            self.checkpoints.save(0, {"model": self.model_state}, mark_latest=False)
         try:
             while self.step < self.train_steps:
                 metrics = self.train_step()
@@ -196,51 +196,47 @@ class PretrainTrainer(Stateful):
         return {"world_size": parallel.world_size(), "tp": p.tensor_model_parallel_size,
                 "pp": p.pipeline_model_parallel_size, "vpp": p.virtual_pipeline_model_parallel_size}
 
+    def _states(self) -> dict:
+        """What a training checkpoint holds: weights, optimizer, this trainer's state and every rank's RNG."""
+        return {"model": self.model_state, "optimizer": ckpt.MegatronOptimizerState(self.optimizer, self.model_state),
+                "trainer": self, "rng": ckpt.RNGState(self._layout())}
+
     def save(self) -> None:
         """Writes ``iter_{step}`` (weights, optimizer, trainer state, RNG) then the latest marker; all ranks call."""
         if self._saved_step == self.step:
             return
-        save_dir = self.cfg.checkpoint.save_dir
         if self.cfg.optim.overlap_param_gather:
             for chunk in self.model:  # the all-gather of updated shards is otherwise deferred to the next forward
                 chunk.start_param_sync(force_sync=True)
-        common = {"trainer": self.state_dict(), "rng": ckpt.gather_rng_states(), "layout": self._layout()}
-        save_checkpoint(ckpt.iteration_dir(save_dir, self.step), self.chunks, self.cfg.model, "target",
-                        optimizer=self.optimizer, common_state=common,
-                        extra_metadata={"step": self.step, "config_hash": config_hash(self.cfg)})
-        ckpt.write_latest(save_dir, self.step, self.cfg.checkpoint.keep_last)
+        self.checkpoints.save(self.step, self._states(), {"config_hash": config_hash(self.cfg)})
         self._saved_step = self.step
 
     def load(self) -> None:
         """Restores the starting point (see the module docstring); does nothing for a fresh run."""
         c, b = self.cfg.checkpoint, self.cfg.branch
-        latest = ckpt.read_latest(c.save_dir)
+        latest = self.checkpoints.latest_step()
         if latest is not None:
-            self._load_full(ckpt.iteration_dir(c.save_dir, latest))
+            self._load_full(self.checkpoints.iteration_dir(latest))
             self._saved_step = self.step
         elif b.from_checkpoint:
-            self._load_full(ckpt.resolve_checkpoint(b.from_checkpoint))
+            self._load_full(ckpt.resolve(b.from_checkpoint))
             self.branch_end = self.train_steps = self.step + b.steps
             self.schedule.start_decay(self.step, b.half_life)
             logger.info("evaluation branch: steps %d..%d, lr half-life %g", self.step, self.branch_end, b.half_life)
         elif c.load and c.load_weights_only:
-            path = ckpt.resolve_checkpoint(c.load)
-            load_checkpoint(path, self.chunks, self.cfg.model, "target")
+            path = ckpt.resolve(c.load)
+            ckpt.load(path, {"model": self.model_state})
             self.optimizer.reload_model_params()  # fp32 main params follow the loaded weights
             logger.info("loaded weights only from %s", path)
         elif c.load:
-            self._load_full(ckpt.resolve_checkpoint(c.load))
+            self._load_full(ckpt.resolve(c.load))
 
     def _load_full(self, path: str) -> None:
         if self.cfg.optim.use_distributed_optimizer:
             self._create_optimizer_state()
-        meta = load_checkpoint(path, self.chunks, self.cfg.model, "target", optimizer=self.optimizer,
-                               load_common=True)
+        ckpt.load(path, self._states())
         if self.cfg.optim.use_distributed_optimizer:
             self._unshare_adam_steps()
-        common = meta["common"]
-        self.load_state_dict(common["trainer"])
-        ckpt.restore_rng_states(common.get("rng", []), common.get("layout", {}), self._layout())
         logger.info("resumed from %s at step %d", path, self.step)
 
     def _unshare_adam_steps(self) -> None:

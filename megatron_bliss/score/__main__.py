@@ -1,26 +1,35 @@
-"""``torchrun ... -m megatron_bliss.score --config CONFIG.yaml [--section.key=value ...]``: score one shard.
+"""``torchrun ... -m megatron_bliss.score [--config FILE] [--section.key=value ...]``: score one shard.
 
 Single node, 8 GPUs::
 
-    torchrun --nproc-per-node 8 -m megatron_bliss.score --config examples/configs/score.yaml \\
-        --scoring.checkpoint runs/bliss/round1/score --scoring.data_prefix data/c4_shard1 \\
-        --scoring.output_dir runs/bliss/round1/scores
+    torchrun --nproc-per-node 8 -m megatron_bliss.score --model.preset=pythia_160m \\
+        --paths.checkpoint runs/bliss/round1/bilevel/score --paths.data_prefix data/c4_shard1 \\
+        --paths.output_dir runs/bliss/round1/scores
+
+Sections: those of :class:`~megatron_bliss.score.config.ScoreRunConfig` plus ``paths``
+(:class:`~megatron_bliss.score.config.ScorePaths`). Rerunning the same command resumes at the first missing chunk.
 """
 
-from megatron_bliss.config import parse_cli
-from megatron_bliss.log import setup_logging
-from megatron_bliss.score.config import ScoreRunConfig
-from megatron_bliss.score.scoring import run_scoring
+from __future__ import annotations
+
+from collections.abc import Sequence
 
 
-def main(argv=None) -> None:
-    setup_logging()
-    cfg = parse_cli(ScoreRunConfig, argv, "Score every sequence of a shard with a BLISS score model.")
-    run_scoring(cfg)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses the layered config, scores the shard, tears down; returns the exit code."""
     from megatron_bliss import parallel
+    from megatron_bliss.config import parse_cli
+    from megatron_bliss.log import setup_logging
+    from megatron_bliss.score.config import ScorePaths, ScoreRunConfig
+    from megatron_bliss.score.scoring import run_scoring
 
+    setup_logging()
+    cfg, paths = parse_cli(ScoreRunConfig, argv, "Score every sequence of a shard with a BLISS score model.",
+                           prog="megatron-bliss score", paths_cls=ScorePaths)
+    run_scoring(cfg, paths)
     parallel.destroy()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

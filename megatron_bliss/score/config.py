@@ -9,8 +9,8 @@ from megatron_bliss.parallel import ParallelConfig
 
 
 @dataclass
-class ScoringConfig:
-    """Where the score model and the shard are, and how to batch them."""
+class ScorePaths:
+    """The files scoring reads and writes (the ``paths`` section; the pipeline sets them per round)."""
 
     checkpoint: str = ""
     """Score-model checkpoint directory (role 'score')."""
@@ -18,6 +18,17 @@ class ScoringConfig:
     """Sequences-mode indexed prefix of the shard to score."""
     output_dir: str = ""
     """Directory for ``scores.npy`` (float32, aligned with the shard's sequences) and its chunk files."""
+
+    def validate(self) -> None:
+        """Every path is required."""
+        for name in ("checkpoint", "data_prefix", "output_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"paths.{name} is required")
+
+
+@dataclass
+class ScoringConfig:
+    """How the score model's forward passes are batched."""
     micro_batch_size: int = 32
     """Sequences per forward pass on each data-parallel rank."""
     chunk_size: int = 4096
@@ -52,6 +63,3 @@ class ScoreRunConfig:
             raise ValueError("scoring runs the score model on one pipeline stage: set "
                              "parallel.pipeline_model_parallel_size=1")
         self.model.check_layout(self.parallel.tensor_model_parallel_size, 1)
-        for name in ("checkpoint", "data_prefix", "output_dir"):
-            if not getattr(self.scoring, name):
-                raise ValueError(f"scoring.{name} is required")

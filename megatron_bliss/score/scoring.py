@@ -19,13 +19,13 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megatron_bliss import parallel
+from megatron_bliss.checkpointing import load_model
 from megatron_bliss.data.sequences import read_sequences
-from megatron_bliss.models import build_score_model, load_model
+from megatron_bliss.models import build_score_model
 from megatron_bliss.models.presets import model_flops_per_token
-from megatron_bliss.score.config import ScoreRunConfig
+from megatron_bliss.score.config import ScorePaths, ScoreRunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -56,32 +56,33 @@ def score_sequences(model, sequences: np.ndarray, micro_batch_size: int, bf16: b
     return out
 
 
-def run_scoring(cfg: ScoreRunConfig) -> str:
-    """Scores ``cfg.scoring.data_prefix`` with the checkpointed score model; returns the path of ``scores.npy``.
+def run_scoring(cfg: ScoreRunConfig, paths: ScorePaths) -> str:
+    """Scores ``paths.data_prefix`` with the checkpointed score model; returns the path of ``scores.npy``.
 
     All ranks call it under torchrun (or one plain process). Resumes from existing chunk files.
     """
     sc = cfg.scoring
-    final_path = os.path.join(sc.output_dir, SCORES_FILE)
+    paths.validate()
+    final_path = os.path.join(paths.output_dir, SCORES_FILE)
     parallel.initialize(cfg.parallel)
     from megatron.core import parallel_state as ps
 
-    os.makedirs(os.path.join(sc.output_dir, "chunks"), exist_ok=True)
-    sequences = read_sequences(sc.data_prefix)
+    os.makedirs(os.path.join(paths.output_dir, "chunks"), exist_ok=True)
+    sequences = read_sequences(paths.data_prefix)
     if len(sequences) == 0:
-        raise ValueError(f"{sc.data_prefix}: the shard holds no sequences")
+        raise ValueError(f"{paths.data_prefix}: the shard holds no sequences")
     if sc.max_sequences is not None:
         sequences = sequences[: sc.max_sequences]
     n = len(sequences)
     model = build_score_model(cfg.model)
-    load_model(sc.checkpoint, model, cfg.model, "score")
+    load_model(paths.checkpoint, model, cfg.model, "score")
     model.eval()
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     writer = ps.get_tensor_model_parallel_rank() == 0
     num_chunks = -(-n // sc.chunk_size)
     start_time, scored = time.perf_counter(), 0
     for chunk in range(dp_rank, num_chunks, dp_size):
-        path = _chunk_path(sc.output_dir, chunk)
+        path = _chunk_path(paths.output_dir, chunk)
         if os.path.exists(path):
             continue
         rows = sequences[chunk * sc.chunk_size:(chunk + 1) * sc.chunk_size]
@@ -91,18 +92,16 @@ def run_scoring(cfg: ScoreRunConfig) -> str:
             _save_atomic(path, scores)
     elapsed = time.perf_counter() - start_time
     stats = _throughput(cfg, scored, sequences.shape[1], elapsed)
-    if dist.is_initialized():
-        dist.barrier()
+    parallel.barrier()
     if parallel.is_rank0():
-        scores = np.concatenate([np.load(_chunk_path(sc.output_dir, c)) for c in range(num_chunks)])
+        scores = np.concatenate([np.load(_chunk_path(paths.output_dir, c)) for c in range(num_chunks)])
         assert scores.shape == (n,), (scores.shape, n)
         _save_atomic(final_path, scores)
-        with open(os.path.join(sc.output_dir, "scoring.json"), "w") as f:
-            json.dump({"num_sequences": n, "data_prefix": sc.data_prefix, "checkpoint": sc.checkpoint,
+        with open(os.path.join(paths.output_dir, "scoring.json"), "w") as f:
+            json.dump({"num_sequences": n, "data_prefix": paths.data_prefix, "checkpoint": paths.checkpoint,
                        "rank0_throughput": stats}, f, indent=1)
-        logger.info("scored %d sequences of %s -> %s (%s)", n, sc.data_prefix, final_path, stats)
-    if dist.is_initialized():
-        dist.barrier()
+        logger.info("scored %d sequences of %s -> %s (%s)", n, paths.data_prefix, final_path, stats)
+    parallel.barrier()
     return final_path
 
 

@@ -15,9 +15,10 @@ import yaml
 
 from megatron_bliss.bilevel import BilevelConfig, BilevelRunConfig
 from megatron_bliss.bilevel import trainer as trainer_mod
+from megatron_bliss.bilevel.config import BilevelPaths
 from megatron_bliss.bilevel.trainer import BilevelTrainer, cosine_lr
+from megatron_bliss.checkpointing import save_model
 from megatron_bliss.log import read_metrics
-from megatron_bliss.models.checkpoint import save_model
 from megatron_bliss.models.gpt import build_gpt, gpt_logits
 from megatron_bliss.models.presets import get_preset
 from megatron_bliss.ops import reference as ref
@@ -58,14 +59,14 @@ def _comparable(records):
 def test_cli_round_resumes_after_kill_with_identical_metrics(tmp_path):
     train, val = realtext.build_prefixes(str(tmp_path))
     config = {"proxy": PROXY, "bilevel": {
-        "kl_coef": 0.0, "outer_steps": 8, "micro_batch_size": 4, "val_micro_batch_size": 4, "train_prefix": train,
-        "val_prefix": val, "save_interval": 2, "eval_interval": 4, "score_lr": 1e-3, "proxy_lr": 1e-3,
-        "solver_init": "warm", "tensorboard": False}}
+        "kl_coef": 0.0, "outer_steps": 8, "micro_batch_size": 4, "val_micro_batch_size": 4,
+        "save_interval": 2, "eval_interval": 4, "score_lr": 1e-3, "proxy_lr": 1e-3,
+        "solver_init": "warm", "tensorboard": False}, "paths": {"train_prefix": train, "val_prefix": val}}
     path = tmp_path / "round.yaml"
     path.write_text(yaml.safe_dump(config))
     full, killed = tmp_path / "full", tmp_path / "killed"
-    _cli(path, f"--bilevel.output_dir={full}")
-    proc = _cli(path, f"--bilevel.output_dir={killed}", wait=False)
+    _cli(path, f"--paths.output_dir={full}")
+    proc = _cli(path, f"--paths.output_dir={killed}", wait=False)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         metrics = killed / "metrics.jsonl"
@@ -76,7 +77,7 @@ def test_cli_round_resumes_after_kill_with_identical_metrics(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "score").exists()
-    _cli(path, f"--bilevel.output_dir={killed}")
+    _cli(path, f"--paths.output_dir={killed}")
     expected, resumed = read_metrics(str(full)), read_metrics(str(killed))
     assert [r["step"] for r in resumed] == list(range(1, 9))
     assert _comparable(resumed) == _comparable(expected)
@@ -84,7 +85,7 @@ def test_cli_round_resumes_after_kill_with_identical_metrics(tmp_path):
             "eval_loss"} <= set(expected[-1])
     assert (full / "score" / "bliss_checkpoint.json").exists() and (full / "config.yaml").exists()
     # a finished round reruns as a no-op
-    _cli(path, f"--bilevel.output_dir={full}")
+    _cli(path, f"--paths.output_dir={full}")
     assert len(read_metrics(str(full))) == 8
 
 
@@ -112,10 +113,11 @@ def test_cosine_schedule():
 
 
 def _small_round(tmp_path, name, train, val, **overrides):
-    b = dict(kl_coef=0.0, outer_steps=3, micro_batch_size=4, val_micro_batch_size=4, output_dir=str(tmp_path / name),
+    b = dict(kl_coef=0.0, outer_steps=3, micro_batch_size=4, val_micro_batch_size=4,
              save_interval=1, eval_interval=0, tensorboard=False, score_lr=1e-3, proxy_lr=1e-3)
     b.update(overrides)
-    return BilevelTrainer(BilevelRunConfig(proxy=_proxy_config(), bilevel=BilevelConfig(**b)), train, val)
+    return BilevelTrainer(BilevelRunConfig(proxy=_proxy_config(), bilevel=BilevelConfig(**b)),
+                          BilevelPaths(output_dir=str(tmp_path / name)), train, val)
 
 
 def test_nan_guard_skips_and_never_checkpoints_poison(tmp_path, monkeypatch, single_process):
@@ -193,8 +195,8 @@ def test_ranking_moves_toward_validation_domain(tmp_path, monkeypatch, single_pr
         monkeypatch.setattr(trainer_mod, "score_hypergradient", signed)
         trainer = BilevelTrainer(BilevelRunConfig(proxy=cfg, bilevel=BilevelConfig(
             kl_coef=0.0, outer_steps=15, micro_batch_size=8, val_micro_batch_size=8, score_lr=1e-3, proxy_lr=1e-4,
-            warmup_proxy=str(tmp_path / "warm"), output_dir=str(tmp_path / name), save_interval=1000,
-            eval_interval=0, residual_interval=0, tensorboard=False)), pool, val)
+            save_interval=1000, eval_interval=0, residual_interval=0, tensorboard=False)),
+            BilevelPaths(warmup_proxy=str(tmp_path / "warm"), output_dir=str(tmp_path / name)), pool, val)
         with torch.no_grad():
             aucs["untrained"] = realtext.auc(trainer.score.logit(torch.from_numpy(held_out)).numpy(), is_kjv)
         while trainer.step < trainer.cfg.bilevel.outer_steps:
@@ -217,8 +219,9 @@ def test_round_with_target_kl(tmp_path, single_process):
     target = build_gpt(cfg)
     save_model(str(tmp_path / "target"), target, cfg, "target")
     trainer = BilevelTrainer(BilevelRunConfig(proxy=cfg, target=cfg, bilevel=BilevelConfig(
-        kl_coef=0.5, outer_steps=2, micro_batch_size=4, val_micro_batch_size=4, target=str(tmp_path / "target"),
-        output_dir=str(tmp_path / "kl"), save_interval=1000, eval_interval=0, tensorboard=False)), pool, val)
+        kl_coef=0.5, outer_steps=2, micro_batch_size=4, val_micro_batch_size=4,
+        save_interval=1000, eval_interval=0, tensorboard=False)),
+        BilevelPaths(target=str(tmp_path / "target"), output_dir=str(tmp_path / "kl")), pool, val)
     for a, b in zip(trainer.target.parameters(), target.parameters()):
         assert torch.equal(a, b) and not a.requires_grad
     metrics = trainer.outer_step()
@@ -232,4 +235,4 @@ def test_sequences_longer_than_the_model_are_refused(tmp_path, single_process):
     val = realtext.kjv_validation(str(tmp_path))
     with pytest.raises(ValueError, match="proxy.seq_length is 16"):
         BilevelTrainer(BilevelRunConfig(proxy=get_preset("debug", vocab_size=8000), bilevel=BilevelConfig(
-            kl_coef=0.0, output_dir=str(tmp_path / "r"), tensorboard=False)), pool, val)
+            kl_coef=0.0, tensorboard=False)), BilevelPaths(output_dir=str(tmp_path / "r")), pool, val)

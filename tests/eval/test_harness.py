@@ -11,9 +11,9 @@ import pytest
 lm_eval = pytest.importorskip(
     "lm_eval", reason="lm-evaluation-harness is not installed (pip install 'megatron_bliss[eval]')")
 
+from megatron_bliss.checkpointing import save_model
 from megatron_bliss.config import load_config
-from megatron_bliss.eval.__main__ import EvalConfig, run_eval
-from megatron_bliss.models import save_model
+from megatron_bliss.eval.run import EvalConfig, run_eval
 from tests.eval.conftest import tiny_config
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -21,17 +21,11 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
 @pytest.fixture(scope="module")
 def saved_target(tiny_target, tmp_path_factory):
-    """A save_dir holding ``iter_0000001`` and the run's config.yaml (whose model section the evaluation reads)."""
-    import yaml
-
-    from megatron_bliss.config import to_dict
-
+    """A save_dir holding ``iter_0000001`` (whose saved model config the evaluation reads)."""
     model, _, cfg = tiny_target
     save_dir = tmp_path_factory.mktemp("target")
     save_model(str(save_dir / "iter_0000001"), model.float(), cfg, "target")
     model.double()
-    with open(save_dir / "config.yaml", "w") as f:
-        yaml.safe_dump({"model": to_dict(cfg)}, f)
     return save_dir
 
 
@@ -61,7 +55,7 @@ def test_run_eval_writes_results(saved_target, task_dir, tmp_path):
     cfg = load_config(EvalConfig, None, [f"--checkpoint={saved_target}", "--tasks=[tiny_mc, sciq]",
                                          f"--include_path={task_dir}", f"--output_dir={tmp_path / 'out'}",
                                          "--batch_size=5"])
-    assert cfg.model is None  # read from the run's config.yaml
+    assert cfg.model is None  # read from the checkpoint's metadata
     summary = run_eval(cfg)
     with open(tmp_path / "out" / "results.json") as f:
         record = json.load(f)

@@ -5,15 +5,8 @@ import os
 import pytest
 import torch
 
-from megatron_bliss.models import (
-    CheckpointError,
-    build_gpt,
-    build_score_model,
-    get_preset,
-    gpt_logits,
-    load_model,
-    save_model,
-)
+from megatron_bliss.checkpointing import CheckpointError, load_model, model_config, save_model
+from megatron_bliss.models import build_gpt, build_score_model, get_preset, gpt_logits
 from megatron_bliss.models.gpt import resolve_attention_backend
 from tests.conftest import REPO_ROOT, run_torchrun
 
@@ -82,6 +75,7 @@ def test_checkpoint_roundtrip_and_preset_mismatch(single_process, tmp_path):
     load_model(path, other, cfg, "proxy")
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length + 1))
     assert _lm_loss(other, tokens).item() == _lm_loss(model, tokens).item()
+    assert model_config(path) == cfg  # the full config travels with the weights
     bigger = get_preset("debug", hidden_size=32)
     with pytest.raises(CheckpointError, match="preset 'debug'.*hidden_size: checkpoint 16 vs config 32"):
         load_model(path, build_gpt(bigger), bigger, "proxy")

@@ -4,11 +4,11 @@ refused, and a weights-only start takes the weights and nothing else."""
 import pytest
 import torch
 
+from megatron_bliss.checkpointing import CheckpointError
 from megatron_bliss.config import load_config
-from megatron_bliss.models.checkpoint import CheckpointError
 from megatron_bliss.pretrain.config import PretrainRunConfig
 from megatron_bliss.pretrain.trainer import PretrainTrainer
-from tests.pretraining.conftest import common_args, losses
+from tests.pretrain.conftest import common_args, losses
 
 
 @pytest.fixture

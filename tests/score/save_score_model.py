@@ -9,7 +9,8 @@ import warnings
 warnings.filterwarnings("ignore")
 
 from megatron_bliss import parallel
-from megatron_bliss.models import build_gpt, build_score_model, get_preset, save_model
+from megatron_bliss.checkpointing import save_model
+from megatron_bliss.models import build_gpt, build_score_model, get_preset
 
 if __name__ == "__main__":
     parallel.initialize(parallel.ParallelConfig(seed=5))

@@ -19,13 +19,13 @@ def scored_setup(tmp_path_factory):
     writer = IndexedWriter(str(base / "shard"), np.uint16)
     writer.add_fixed(rows)
     writer.finalize()
-    run_torchrun(os.path.join(REPO_ROOT, "tests", "selection", "save_score_model.py"), str(base / "score"), nproc=1)
+    run_torchrun(os.path.join(REPO_ROOT, "tests", "score", "save_score_model.py"), str(base / "score"), nproc=1)
     return base, rows
 
 
 def _score(base, out, nproc):
-    run_torchrun(SCORE, "--model.preset=debug", f"--scoring.checkpoint={base / 'score'}",
-                 f"--scoring.data_prefix={base / 'shard'}", f"--scoring.output_dir={out}",
+    run_torchrun(SCORE, "--model.preset=debug", f"--paths.checkpoint={base / 'score'}",
+                 f"--paths.data_prefix={base / 'shard'}", f"--paths.output_dir={out}",
                  "--scoring.micro_batch_size=4", "--scoring.chunk_size=16", nproc=nproc)
     return np.load(os.path.join(out, "scores.npy"))
 
@@ -47,8 +47,9 @@ def test_scores_identical_for_dp1_and_dp2_and_resume(scored_setup):
 def test_scores_match_direct_forward(single_process, scored_setup):
     import torch
 
+    from megatron_bliss.checkpointing import load_model
     from megatron_bliss.data.sequences import read_sequences
-    from megatron_bliss.models import build_score_model, get_preset, load_model
+    from megatron_bliss.models import build_score_model, get_preset
     from megatron_bliss.score.scoring import score_sequences
 
     base, rows = scored_setup

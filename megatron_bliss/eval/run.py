@@ -1,0 +1,159 @@
+"""One evaluation of a target checkpoint: its config, the lm-evaluation-harness run, and the written results.
+
+Runs ``lm_eval.simple_evaluate`` with :class:`~megatron_bliss.eval.lm_eval.MegatronBlissLM` and writes
+``results.json`` (everything the harness returned but per-sample logs, plus the summary), ``results.md`` (acc and
+acc_norm per task, the reported metric and their mean) and the resolved ``config.yaml`` into ``output_dir``, each
+written under a temporary name and renamed. Needs ``pip install megatron_bliss[eval]``; see docs/eval.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from megatron_bliss.data.tokenizer import DEFAULT_TOKENIZER
+from megatron_bliss.models.presets import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+BLISS_TASKS = ("sciq", "arc_easy", "arc_challenge", "logiqa", "openbookqa", "boolq", "hellaswag", "piqa",
+               "winogrande")
+"""The paper's nine zero-shot tasks (lm-evaluation-harness names)."""
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation of one target checkpoint."""
+
+    checkpoint: str = ""
+    """Target checkpoint: an ``iter_*`` directory or a save_dir (its latest), e.g. a round's ``eval`` branch."""
+    model: ModelConfig | None = None
+    """Target shape; unset uses the config saved in the checkpoint."""
+    tokenizer: str = DEFAULT_TOKENIZER
+    """The tokenizer the target was trained with (SentencePiece ``.model`` or ``tokenizer.json``)."""
+    tasks: list[str] = field(default_factory=lambda: list(BLISS_TASKS))
+    """lm-evaluation-harness task names (default: the nine BLISS tasks)."""
+    num_fewshot: int = 0
+    """Few-shot examples per prompt (BLISS: zero-shot)."""
+    batch_size: int = 16
+    """Sequences per forward when scoring."""
+    limit: float | None = None
+    """Examples per task (a fraction when below 1); for smoke tests only, the scores are then not comparable."""
+    output_dir: str = ""
+    """Where results.json, results.md and config.yaml go (not inside a pipeline run's checkpoint directories)."""
+    include_path: str | None = None
+    """Directory of extra task YAMLs (local datasets, or stock tasks pointed at local files)."""
+    device: str = "auto"
+    """auto | cpu | cuda; cpu hides the GPUs from this process."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on the CPU) | bf16 | fp32."""
+    add_eod_prefix: bool = True
+    """Precede every context with the end-of-document id, as a document's first token is in pretraining."""
+    download_only: bool = False
+    """Only load the tasks' datasets (filling the Hugging Face cache for a later offline run), then stop."""
+
+    def __post_init__(self):
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto|cpu|cuda, got {self.device!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto|bf16|fp32, got {self.precision!r}")
+        if self.batch_size < 1 or self.num_fewshot < 0 or not self.tasks:
+            raise ValueError("batch_size must be >= 1, num_fewshot >= 0, and tasks not empty")
+
+    def validate(self) -> None:
+        """An evaluation needs a checkpoint and an output directory; a download needs neither."""
+        if not self.download_only and not (self.checkpoint and self.output_dir):
+            raise ValueError("set checkpoint and output_dir (or download_only=true)")
+
+
+def summarize(results: dict, tasks: Sequence[str]) -> dict:
+    """Per task: acc and acc_norm (with stderr) where present, the reported metric (acc_norm where the task has
+    it, else acc) and the unweighted mean of the reported values over the tasks that have one."""
+    rows = {}
+    for task in tasks:
+        r = results.get(task, {})
+        row = {m: r[f"{m},none"] for m in ("acc", "acc_norm") if f"{m},none" in r}
+        row.update({f"{m}_stderr": r[f"{m}_stderr,none"] for m in ("acc", "acc_norm") if f"{m}_stderr,none" in r})
+        row["metric"] = "acc_norm" if "acc_norm" in row else "acc" if "acc" in row else None
+        row["value"] = row.get(row["metric"]) if row["metric"] else None
+        rows[task] = row
+    values = [row["value"] for row in rows.values() if row["value"] is not None]
+    return {"tasks": rows, "mean": sum(values) / len(values) if values else None, "num_tasks": len(values)}
+
+
+def markdown_table(summary: dict, n_samples: dict | None = None) -> str:
+    """Percent, as the paper reports them; the reported metric of each task in the last column."""
+    def pct(row, m):
+        if m not in row:
+            return "-"
+        err = row.get(f"{m}_stderr")
+        return f"{100 * row[m]:.2f}" + (f" ± {100 * err:.2f}" if isinstance(err, (int, float)) else "")
+
+    lines = ["| task | n | acc | acc_norm | reported |", "|---|---:|---:|---:|---:|"]
+    for task, row in summary["tasks"].items():
+        n = (n_samples or {}).get(task, {}).get("effective", "")
+        value = f"{100 * row['value']:.2f} ({row['metric']})" if row["value"] is not None else "-"
+        lines.append(f"| {task} | {n} | {pct(row, 'acc')} | {pct(row, 'acc_norm')} | {value} |")
+    mean = f"**{100 * summary['mean']:.2f}**" if summary["mean"] is not None else "-"
+    lines.append(f"| **mean ({summary['num_tasks']} tasks)** | | | | {mean} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _dataset_errors():
+    """A task dataset that cannot be fetched ends the run with what to do instead of a traceback."""
+    try:
+        yield
+    except ConnectionError as exc:
+        raise SystemExit(f"{exc}\nA task's dataset is neither reachable nor cached. Fill the Hugging Face cache on "
+                         "a connected machine (--download_only=true), copy it and set HF_HOME and HF_HUB_OFFLINE=1, "
+                         "or point the task at local files with include_path; see docs/eval.md.") from None
+
+
+def run_eval(cfg: EvalConfig) -> dict | None:
+    """Evaluates ``cfg.checkpoint`` on ``cfg.tasks`` and writes the results; returns the summary (None when
+    ``download_only``)."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager, get_task_dict
+    except ImportError:
+        raise SystemExit("lm-evaluation-harness is not installed: pip install 'megatron_bliss[eval]'") from None
+    from megatron_bliss.checkpointing import resolve
+    from megatron_bliss.config import dump, to_dict
+    from megatron_bliss.eval.lm_eval import MegatronBlissLM, load_target
+
+    task_manager = TaskManager(include_path=cfg.include_path)
+    if cfg.download_only:
+        with _dataset_errors():
+            get_task_dict(list(cfg.tasks), task_manager)
+        logger.info("datasets of %s are in the Hugging Face cache", ", ".join(cfg.tasks))
+        return None
+    model, tokenizer, model_cfg, autocast_dtype = load_target(
+        cfg.checkpoint, cfg.model, tokenizer_path=cfg.tokenizer, device=cfg.device, precision=cfg.precision)
+    lm = MegatronBlissLM(model, tokenizer, model_cfg.seq_length, cfg.batch_size, add_eod_prefix=cfg.add_eod_prefix,
+                         vocab_size=model_cfg.vocab_size, autocast_dtype=autocast_dtype)
+    with _dataset_errors():
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
+                                      limit=cfg.limit, task_manager=task_manager, log_samples=False)
+    summary = summarize(out["results"], cfg.tasks)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    dump(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    record = {"summary": summary, "checkpoint": os.path.abspath(resolve(cfg.checkpoint)),
+              "model": to_dict(model_cfg),
+              "tokenizer": tokenizer.path, "lm_eval_version": getattr(lm_eval, "__version__", None),
+              **{k: v for k, v in out.items() if k != "samples"}}
+    _write_atomic(os.path.join(cfg.output_dir, "results.json"), json.dumps(record, indent=1, default=str))
+    _write_atomic(os.path.join(cfg.output_dir, "results.md"), markdown_table(summary, out.get("n-samples")))
+    logger.info("mean %s over %d tasks; %s/results.md", summary["mean"], summary["num_tasks"], cfg.output_dir)
+    return summary
