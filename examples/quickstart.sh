@@ -13,7 +13,7 @@ tokenizer=megatron_bliss/data/assets/default_bpe_8k.model
 
 # 1. C4-format JSON lines -> 3 disjoint shards of 129-token sequences (shard 0: warm-up; shards 1-2: rounds 1-2)
 python tools/preprocess_c4.py --input tests/assets/c4_sample --output-prefix "$out/data/c4" \
-  --tokenizer-model "$tokenizer" --seq-length 129 --mode sequences --shards 3 --workers "$nproc" --no-progress
+  --tokenizer-model "$tokenizer" --tokens-per-sequence 129 --mode sequences --shards 3 --workers "$nproc" --no-progress
 # 2. LAMBADA-style validation set: loss on the final word only
 python tools/prepare_validation.py --input tests/assets/lambada_sample.jsonl --output-prefix "$out/data/lambada" \
   --tokenizer-model "$tokenizer"

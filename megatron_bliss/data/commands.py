@@ -1,28 +1,41 @@
 """Command-line front ends of the data tools; ``tools/*.py`` are thin wrappers around these ``*_main`` functions.
 
-This module owns argument parsing and logging set-up only; every command delegates to a library function of
-``megatron_bliss.data`` that can be called directly. Each ``*_main(argv)`` returns a process exit code; bad input
-or settings end with a one-line error naming the file, line or setting (exit code 2), never a traceback.
+This module owns argument parsing and logging set-up only. Every tool's flags are generated from its settings
+dataclass in :mod:`megatron_bliss.data.config` by :func:`add_config_arguments` (names, types, defaults and help come
+from the fields and their docstrings), and every command delegates to a library function of ``megatron_bliss.data``
+that can be called directly. Each ``*_main(argv)`` returns a process exit code; bad input or settings end with a
+one-line error naming the file, line or setting (exit code 2), never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import inspect
 import json
 import logging
+import re
 import sys
+import textwrap
+import types
+import typing
+from typing import Any, TypeVar
 
 from megatron_bliss.data.sources import DataFormatError
 
 logger = logging.getLogger("megatron_bliss.data")
+T = TypeVar("T")
 
 
-def _setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False) -> None:
+    """INFO (or DEBUG) records of every logger to stderr, with a timestamp and the logger's name."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _run(fn, *args, **kwargs) -> int:
+def run_command(fn, *args, **kwargs) -> int:
+    """Calls ``fn``; a bad input or setting (it names the file, line or setting) is logged and gives exit code 2."""
     try:
         fn(*args, **kwargs)
     except (DataFormatError, FileNotFoundError, ValueError) as exc:
@@ -31,119 +44,191 @@ def _run(fn, *args, **kwargs) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- dataclass -> argparse
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of dataclass ``cls`` (the string literal right after its annotation)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source shipped: flags without help
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _plain(doc: str) -> str:
+    """A field docstring without its reST markup."""
+    return re.sub(r":\w+:`~?(?:[\w.]+\.)?(\w+)`", r"\1", doc).replace("``", "")
+
+
+def _help_text(doc: str) -> str:
+    """A field docstring as argparse help (``%`` escaped for argparse's formatting)."""
+    return _plain(doc).replace("%", "%%")
+
+
+def _value_type(tp: Any) -> tuple[Any, bool]:
+    """``(element type, is_list)`` of a field annotation: ``X | None`` -> X, ``list[X]`` -> (X, True)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else str
+    if typing.get_origin(tp) is list or tp is list:
+        (item,) = typing.get_args(tp) or (str,)
+        return item, True
+    return tp, False
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+class _Renamed(argparse.Action):
+    """An old flag name: using it is a usage error that names the new flag."""
+
+    def __init__(self, option_strings, dest, message: str = "", **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} {self.message}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Adds one argument per field of dataclass ``cls``: ``--field-name`` (or ``metadata["flag"]``), typed from the
+    annotation, defaulting to the field's default, with the field's docstring as help.
+
+    A ``bool`` field that defaults to False is a ``--name`` switch, one that defaults to True a ``--no-name`` switch.
+    ``list[X]`` fields take one or more values. Field ``metadata`` keys: ``flag``, ``choices``, ``required``,
+    ``positional``, ``exclusive`` (fields sharing the name form a mutually exclusive group) and ``renamed_from``
+    (old flags, which are then an error naming the new one).
+    """
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        meta, doc = f.metadata, _help_text(docs.get(f.name, ""))
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        target = parser
+        if "exclusive" in meta:
+            if meta["exclusive"] not in groups:
+                groups[meta["exclusive"]] = parser.add_mutually_exclusive_group()
+            target = groups[meta["exclusive"]]
+        tp, is_list = _value_type(hints[f.name])
+        if tp is bool:
+            if default:
+                name = "--no-" + _flag(f)[2:]
+                target.add_argument(name, dest=f.name, action="store_false",
+                                    help=f"do not {doc[:1].lower()}{doc[1:]}" if doc else None)
+            else:
+                target.add_argument(_flag(f), dest=f.name, action="store_true", help=doc or None)
+        else:
+            kwargs: dict[str, Any] = {"type": tp, "help": doc or None}
+            if is_list:
+                kwargs["nargs"] = "+"
+            if "choices" in meta:
+                kwargs["choices"] = list(meta["choices"])
+                if is_list:  # argparse would repeat the choices in the usage line
+                    doc = f"{doc} One or more of: {', '.join(map(str, meta['choices']))}."
+                    kwargs["help"] = doc
+            if meta.get("positional"):
+                target.add_argument(f.name, **kwargs)
+            else:
+                if "choices" not in meta or is_list:
+                    kwargs["metavar"] = f.name.upper()
+                if meta.get("required"):
+                    kwargs["required"] = True
+                else:
+                    kwargs["default"] = default
+                    if default not in (None, "", []):
+                        shown = " ".join(map(str, default)) if is_list else str(default)
+                        kwargs["help"] = f"{doc} (default: {shown.replace('%', '%%')})".lstrip()
+                target.add_argument(_flag(f), dest=f.name, **kwargs)
+        for old in meta.get("renamed_from", ()):
+            parser.add_argument(old, action=_Renamed, dest=f"renamed_{f.name}",
+                                message=f"was renamed {_flag(f)}: {_plain(docs.get(f.name, ''))}")
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, parser: argparse.ArgumentParser) -> T:
+    """Builds ``cls`` from the parsed arguments of :func:`add_config_arguments`; a ``ValueError`` from its checks
+    is a usage error (exit code 2) naming the setting."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def parse_config(cls: type[T], argv: list[str] | None, description: str) -> T:
+    """The settings ``cls`` from the command line ``argv`` (default ``sys.argv[1:]``), flags generated from it."""
+    parser = argparse.ArgumentParser(description=description)
+    add_config_arguments(parser, cls)
+    return config_from_args(cls, parser.parse_args(argv), parser)
+
+
+# --------------------------------------------------------------------------------------------------- commands
 def preprocess_main(argv: list[str] | None = None) -> int:
     """``tools/preprocess_c4.py``: C4 JSON lines or DsDm parquet -> indexed shards + manifest."""
     from megatron_bliss.data.config import DataConfig
     from megatron_bliss.data.preprocessing import preprocess
 
-    p = argparse.ArgumentParser(description="Tokenize C4 JSON lines (or pass DsDm parquet through) into Megatron "
-                                            ".bin/.idx shards with a JSON manifest.")
-    p.add_argument("--input", nargs="+", required=True, help="files, directories or globs (quote globs)")
-    p.add_argument("--output-prefix", required=True)
-    p.add_argument("--tokenizer-model", help="SentencePiece .model or HF tokenizer.json")
-    p.add_argument("--seq-length", type=int, default=1024)
-    p.add_argument("--mode", choices=("sequences", "documents"), default="sequences")
-    p.add_argument("--shards", type=int, default=1)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--json-key", default="text")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad line (error names file:line)")
-    p.add_argument("--no-append-eod", dest="append_eod", action="store_false")
-    p.add_argument("--eod-token", help="HF tokenizers: text of the end-of-document token")
-    p.add_argument("--vocab-size", type=int, help="parquet input without --tokenizer-model: vocabulary size")
-    p.add_argument("--parquet-column", default="input_ids")
-    p.add_argument("--chunk-bytes", type=int, default=1 << 20)
-    p.add_argument("--keep-parts", action="store_true")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    args = p.parse_args(argv)
-    _setup_logging()
-    try:
-        cfg = DataConfig(**{k.replace("-", "_"): v for k, v in vars(args).items()})
-    except ValueError as exc:
-        p.error(str(exc))
-    return _run(preprocess, cfg)
+    cfg = parse_config(DataConfig, argv, "Tokenize C4 JSON lines (or pass DsDm parquet through) into Megatron "
+                                         ".bin/.idx shards with a JSON manifest.")
+    setup_logging()
+    return run_command(preprocess, cfg)
 
 
 def train_tokenizer_main(argv: list[str] | None = None) -> int:
     """``tools/train_tokenizer.py``: train a SentencePiece BPE model offline from C4-format input."""
+    from megatron_bliss.data.config import TokenizerTrainingConfig
     from megatron_bliss.data.sources import expand_inputs
     from megatron_bliss.data.tokenizer import train_sentencepiece
 
-    p = argparse.ArgumentParser(description="Train a SentencePiece BPE tokenizer from a sample of C4 JSON lines.")
-    p.add_argument("--input", nargs="+", required=True)
-    p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
-    p.add_argument("--vocab-size", type=int, default=32000)
-    p.add_argument("--num-docs", type=int, default=20000, help="documents sampled for training")
-    p.add_argument("--json-key", default="text")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    _setup_logging()
-    return _run(lambda: train_sentencepiece(expand_inputs(args.input), args.model_prefix, args.vocab_size,
-                                            args.num_docs, args.json_key, args.seed, args.threads))
+    cfg = parse_config(TokenizerTrainingConfig, argv,
+                       "Train a SentencePiece BPE tokenizer from a sample of C4 JSON lines.")
+    setup_logging()
+    return run_command(lambda: train_sentencepiece(expand_inputs(cfg.input), cfg.model_prefix, cfg.vocab_size,
+                                                   cfg.num_docs, cfg.json_key, cfg.seed, cfg.threads))
 
 
 def prepare_validation_main(argv: list[str] | None = None) -> int:
     """``tools/prepare_validation.py``: LAMBADA or (context, continuation) JSON lines -> tokens + loss mask."""
+    from megatron_bliss.data.config import ValidationSetConfig
     from megatron_bliss.data.validation import prepare_validation
 
-    p = argparse.ArgumentParser(description="Build a validation set whose loss covers only the target tokens.")
-    p.add_argument("--input", required=True)
-    p.add_argument("--output-prefix", required=True)
-    p.add_argument("--tokenizer-model", required=True)
-    p.add_argument("--format", choices=("lambada", "pairs"), default="lambada")
-    p.add_argument("--json-key", default="text", help="lambada: field holding the passage")
-    p.add_argument("--context-key", default="context")
-    p.add_argument("--continuation-key", default="continuation")
-    p.add_argument("--max-length", type=int, help="left-truncate contexts so examples fit")
-    p.add_argument("--strict", action="store_true")
-    args = p.parse_args(argv)
-    _setup_logging()
-    return _run(prepare_validation, args.input, args.output_prefix, args.tokenizer_model, fmt=args.format,
-                json_key=args.json_key, context_key=args.context_key, continuation_key=args.continuation_key,
-                max_length=args.max_length, strict=args.strict)
+    cfg = parse_config(ValidationSetConfig, argv, "Build a validation set whose loss covers only the target tokens.")
+    setup_logging()
+    return run_command(prepare_validation, cfg.input, cfg.output_prefix, cfg.tokenizer_model, fmt=cfg.format,
+                       json_key=cfg.json_key, context_key=cfg.context_key, continuation_key=cfg.continuation_key,
+                       max_length=cfg.max_length, strict=cfg.strict)
 
 
 def select_subset_main(argv: list[str] | None = None) -> int:
     """``tools/select_subset.py``: keep the top (or a random) fraction of a dataset's sequences by score."""
+    from megatron_bliss.data.config import SubsetConfig
     from megatron_bliss.data.subsets import write_subset
 
-    p = argparse.ArgumentParser(description="Write the top-k / top-fraction / random subset of an indexed dataset.")
-    p.add_argument("--data-prefix", required=True, help="source indexed dataset")
-    p.add_argument("--scores", help=".npy float scores aligned with the source's sequences")
-    p.add_argument("--indices", help=".npy integer indices to keep (instead of --scores)")
-    p.add_argument("--output-prefix", required=True)
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--fraction", type=float, default=0.2)
-    group.add_argument("--top-k", type=int)
-    p.add_argument("--method", choices=("top", "random"), default="top")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    _setup_logging()
-    if (args.scores is None) == (args.indices is None) and args.method == "top":
-        p.error("give exactly one of --scores or --indices")
-    source = args.scores or args.indices
-    return _run(write_subset, args.data_prefix, source, args.output_prefix, fraction=args.fraction,
-                top_k=args.top_k, method=args.method, seed=args.seed)
+    cfg = parse_config(SubsetConfig, argv, "Write the top-k / top-fraction / random subset of an indexed dataset.")
+    setup_logging()
+    return run_command(write_subset, cfg.data_prefix, cfg.scores or cfg.indices, cfg.output_prefix,
+                       fraction=cfg.fraction, top_k=cfg.top_k, method=cfg.method, seed=cfg.seed)
 
 
 def inspect_main(argv: list[str] | None = None) -> int:
     """``tools/inspect_indexed.py``: summary of an indexed dataset, optionally with decoded samples."""
+    from megatron_bliss.data.config import InspectConfig
     from megatron_bliss.data.summary import describe
 
-    p = argparse.ArgumentParser(description="Describe a Megatron indexed dataset (.bin/.idx).")
-    p.add_argument("prefix")
-    p.add_argument("--tokenizer-model", help="decode the first entries with this tokenizer")
-    p.add_argument("--show", type=int, default=2, help="entries to decode")
-    p.add_argument("--chars", type=int, default=300, help="characters shown per decoded entry")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    args = p.parse_args(argv)
-    _setup_logging()
+    cfg = parse_config(InspectConfig, argv, "Describe a Megatron indexed dataset (.bin/.idx).")
+    setup_logging()
     try:
-        summary = describe(args.prefix, args.tokenizer_model, args.show, args.chars)
+        summary = describe(cfg.prefix, cfg.tokenizer_model, cfg.show, cfg.chars)
     except (FileNotFoundError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
-    if args.json:
+    if cfg.json:
         sys.stdout.write(json.dumps(summary, indent=1) + "\n")
     else:
         samples = summary.pop("samples", [])
@@ -152,32 +237,3 @@ def inspect_main(argv: list[str] | None = None) -> int:
         for i, text in samples:
             sys.stdout.write(f"--- entry {i} ---\n{text}\n")
     return 0
-
-
-def build_corpus_main(argv: list[str] | None = None) -> int:
-    """``tools/build_sample_corpus.py``: a real-text C4-format corpus (and LAMBADA sample) from Debian packages."""
-    from megatron_bliss.data.corpus import SOURCES, build_corpus, build_lambada_sample
-
-    p = argparse.ArgumentParser(description="Build a C4-format corpus from texts shipped by Debian packages "
-                                            "(apt-get install bible-kjv bible-kjv-text dict-gcide dict-jargon "
-                                            "dict-devil dict-foldoc fortunes python3.11-doc).")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--sources", nargs="+", default=sorted(SOURCES), choices=sorted(SOURCES))
-    p.add_argument("--target-mb", type=float, help="stop at this many MB of JSON lines (default: all)")
-    p.add_argument("--num-files", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lambada-examples", type=int, default=0, help="also write lambada_sample.jsonl (KJV held out)")
-    args = p.parse_args(argv)
-    _setup_logging()
-
-    def build() -> None:
-        summary = build_corpus(args.output_dir, args.sources, args.target_mb, args.num_files, args.seed)
-        logger.info("per source: %s", summary["per_source"])
-        if args.lambada_examples:
-            import os
-
-            n = build_lambada_sample(os.path.join(args.output_dir, "lambada_sample.jsonl"), args.lambada_examples,
-                                     args.seed)
-            logger.info("wrote %d LAMBADA-format examples", n)
-
-    return _run(build)

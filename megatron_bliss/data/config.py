@@ -1,7 +1,12 @@
-"""DataConfig: every setting of the data stage (preprocessing C4 into indexed datasets and reading them back).
+"""The settings of the data stage and of its tools: one dataclass per tool, each field's default and help in one place.
 
-Checks that concern only data settings live in ``__post_init__``; checks across concerns (the data's sequence length
-against the model's) belong to the root config's ``validate()``.
+``DataConfig`` covers preprocessing (``tools/preprocess_c4.py``); the others cover ``tools/train_tokenizer.py``,
+``tools/prepare_validation.py``, ``tools/select_subset.py`` and ``tools/inspect_indexed.py``. The tools' flags are
+generated from these fields (:mod:`megatron_bliss.data.commands`); a field's ``metadata`` may name its flag
+(``flag``), its choices (``choices``), whether the command line must give it (``required``), whether it is a
+positional argument (``positional``), a mutually exclusive group (``exclusive``) and old flag names that are now an
+error naming the new one (``renamed_from``). Checks that concern only one tool's settings live in ``__post_init__``;
+checks across concerns (the data's sequence length against the model's) belong to the root config's ``validate()``.
 """
 
 from __future__ import annotations
@@ -9,26 +14,32 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 MODES = ("sequences", "documents")
+VALIDATION_FORMATS = ("lambada", "pairs")
+SUBSET_METHODS = ("top", "random")
 
 
 @dataclass
 class DataConfig:
-    """Settings of ``tools/preprocess_c4.py`` and of the training-side readers."""
+    """Settings of ``tools/preprocess_c4.py``: C4 JSON lines or DsDm parquet -> indexed shards + manifest."""
 
-    input: list[str] = field(default_factory=list)
-    """Input files, directories or globs: C4 JSON lines (``.json``/``.jsonl``, optionally ``.gz``) or DsDm parquet."""
+    input: list[str] = field(default_factory=list, metadata={"required": True})
+    """Input files, directories or globs (quote globs): C4 JSON lines (``.json``/``.jsonl``, optionally ``.gz``) or
+    DsDm parquet."""
 
-    output_prefix: str = ""
+    output_prefix: str = field(default="", metadata={"required": True})
     """Output prefix: writes ``PREFIX.bin/.idx`` (or ``PREFIX_shard{K}.bin/.idx``) and ``PREFIX.manifest.json``."""
 
     tokenizer_model: str | None = None
     """SentencePiece ``.model`` or Hugging Face ``tokenizer.json``; optional only for pre-tokenized parquet input."""
 
-    seq_length: int = 1024
-    """Tokens per stored sequence in ``sequences`` mode (one stored sequence = one sample = one scored unit)."""
+    tokens_per_sequence: int = field(default=1025, metadata={"renamed_from": ("--seq-length",)})
+    """Tokens in one stored sequence (``sequences`` mode), which is one training sample and one scored unit. A model
+    of ``seq_length`` L reads stored sequences of L+1 tokens (inputs and labels are the sequence shifted by one):
+    1025 for L = 1024."""
 
-    mode: str = "sequences"
-    """``sequences``: documents+EOD concatenated and cut into ``seq_length`` pieces; ``documents``: one entry each."""
+    mode: str = field(default="sequences", metadata={"choices": MODES})
+    """``sequences``: documents+EOD concatenated and cut into pieces of ``tokens_per_sequence`` tokens;
+    ``documents``: one entry per document."""
 
     shards: int = 1
     """Number of disjoint output shards (one per BLISS round); sequences/documents are dealt round-robin."""
@@ -68,8 +79,8 @@ class DataConfig:
             self.input = [self.input]
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.seq_length < 2:
-            raise ValueError(f"seq_length must be at least 2, got {self.seq_length}")
+        if self.tokens_per_sequence < 2:
+            raise ValueError(f"tokens_per_sequence must be at least 2, got {self.tokens_per_sequence}")
         if self.shards < 1:
             raise ValueError(f"shards must be at least 1, got {self.shards}")
         if self.workers < 0:
@@ -82,3 +93,126 @@ class DataConfig:
     def to_dict(self) -> dict:
         """The settings as a plain dict (for the manifest)."""
         return asdict(self)
+
+
+@dataclass
+class TokenizerTrainingConfig:
+    """Settings of ``tools/train_tokenizer.py``: a SentencePiece BPE model trained offline from C4-format input."""
+
+    input: list[str] = field(default_factory=list, metadata={"required": True})
+    """JSON-lines files, directories or globs to sample documents from."""
+
+    model_prefix: str = field(default="", metadata={"required": True})
+    """Output path without suffix: writes ``PREFIX.model`` and ``PREFIX.vocab``."""
+
+    vocab_size: int = 32000
+    """Vocabulary size."""
+
+    num_docs: int = 20000
+    """Documents sampled for training (seeded reservoir sample)."""
+
+    json_key: str = "text"
+    """JSON field holding a document's text."""
+
+    seed: int = 0
+    """Sampling seed."""
+
+    threads: int = 2
+    """SentencePiece trainer threads."""
+
+
+@dataclass
+class ValidationSetConfig:
+    """Settings of ``tools/prepare_validation.py``: a validation set whose loss covers only the target tokens."""
+
+    input: str = field(default="", metadata={"required": True})
+    """JSON lines: LAMBADA passages (``{"text": ...}``, the target is the final word) or (context, continuation)
+    pairs."""
+
+    output_prefix: str = field(default="", metadata={"required": True})
+    """Output prefix: writes ``PREFIX.bin/.idx``, ``PREFIX.targets.npy`` and ``PREFIX.manifest.json``."""
+
+    tokenizer_model: str = field(default="", metadata={"required": True})
+    """SentencePiece ``.model`` or Hugging Face ``tokenizer.json``."""
+
+    format: str = field(default="lambada", metadata={"choices": VALIDATION_FORMATS})
+    """``lambada``: the final word of each passage is the target; ``pairs``: the continuation is."""
+
+    json_key: str = "text"
+    """``lambada``: JSON field holding the passage."""
+
+    context_key: str = "context"
+    """``pairs``: JSON field holding the context."""
+
+    continuation_key: str = "continuation"
+    """``pairs``: JSON field holding the continuation (the target)."""
+
+    max_length: int | None = None
+    """Left-truncate contexts so that every example has at most this many tokens."""
+
+    strict: bool = False
+    """Stop at the first bad input line with an error naming ``file:line`` instead of skipping and counting it."""
+
+    def __post_init__(self) -> None:
+        if self.format not in VALIDATION_FORMATS:
+            raise ValueError(f"format must be one of {VALIDATION_FORMATS}, got {self.format!r}")
+
+
+@dataclass
+class SubsetConfig:
+    """Settings of ``tools/select_subset.py``: the top-k / top-fraction / random subset of an indexed dataset."""
+
+    data_prefix: str = field(default="", metadata={"required": True})
+    """Source indexed dataset (``PREFIX.bin/.idx``)."""
+
+    output_prefix: str = field(default="", metadata={"required": True})
+    """Output prefix: writes ``OUT.bin/.idx``, ``OUT.indices.npy``, ``OUT.scores.npy`` and ``OUT.subset.json``."""
+
+    scores: str | None = None
+    """``.npy`` of float scores, one per source sequence: the highest are kept."""
+
+    indices: str | None = None
+    """``.npy`` of integer source indices to keep as they are (instead of scores)."""
+
+    fraction: float = field(default=0.2, metadata={"exclusive": "size"})
+    """Fraction of the sequences to keep (``round(fraction * N)``, at least 1)."""
+
+    top_k: int | None = field(default=None, metadata={"exclusive": "size"})
+    """Number of sequences to keep (instead of a fraction)."""
+
+    method: str = field(default="top", metadata={"choices": SUBSET_METHODS})
+    """``top``: the highest scores, ties to the lower index; ``random``: a seeded uniform sample (no scores
+    needed)."""
+
+    seed: int = 0
+    """Seed of ``random``."""
+
+    def __post_init__(self) -> None:
+        if self.method not in SUBSET_METHODS:
+            raise ValueError(f"method must be one of {SUBSET_METHODS}, got {self.method!r}")
+        if self.scores is not None and self.indices is not None:
+            raise ValueError("give scores (--scores) or indices (--indices), not both")
+        if self.method == "top" and self.scores is None and self.indices is None:
+            raise ValueError("method 'top' needs scores (--scores) or indices (--indices)")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+
+
+@dataclass
+class InspectConfig:
+    """Settings of ``tools/inspect_indexed.py``: a summary of an indexed dataset, optionally with decoded entries."""
+
+    prefix: str = field(default="", metadata={"positional": True})
+    """Indexed-dataset prefix (``PREFIX.bin/.idx``)."""
+
+    tokenizer_model: str | None = None
+    """Decode the first entries with this tokenizer."""
+
+    show: int = 2
+    """Entries to decode."""
+
+    chars: int = 300
+    """Characters shown per decoded entry."""
+
+    json: bool = False
+    """Print the summary as one JSON object."""

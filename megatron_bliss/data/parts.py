@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_bliss.data.indexed import replace_atomic
+from megatron_bliss.data.indexed import file_sha256, replace_atomic
 from megatron_bliss.data.sources import (
     DataFormatError,
     ReadStatus,
@@ -261,8 +261,8 @@ def import_parquet_file(path: str, parts_dir: str, settings: dict, cfg, dtype: n
                         vocab_size: int | None = None) -> Part:
     """Copies a DsDm parquet file's ``input_ids`` rows into a part, without re-tokenizing.
 
-    In ``sequences`` mode every row must hold exactly ``seq_length`` tokens (each row stays one stored sequence, so
-    DsDm's sequence indices are preserved); in ``documents`` mode each row is one document.
+    In ``sequences`` mode every row must hold exactly ``tokens_per_sequence`` tokens (each row stays one stored
+    sequence, so DsDm's sequence indices are preserved); in ``documents`` mode each row is one document.
 
     Raises:
         DataFormatError: a row of the wrong length, or an id that does not fit the token dtype, naming file and row.
@@ -271,10 +271,10 @@ def import_parquet_file(path: str, parts_dir: str, settings: dict, cfg, dtype: n
     limit = vocab_size - 1 if vocab_size else np.iinfo(dtype).max
     try:
         for first_row, tokens, lengths in iter_parquet_rows(path, cfg.parquet_column):
-            if cfg.mode == "sequences" and (lengths != cfg.seq_length).any():
-                row = first_row + int(np.flatnonzero(lengths != cfg.seq_length)[0])
+            if cfg.mode == "sequences" and (lengths != cfg.tokens_per_sequence).any():
+                row = first_row + int(np.flatnonzero(lengths != cfg.tokens_per_sequence)[0])
                 raise DataFormatError(path, row, "wrong_length", f"row of {int(lengths[row - first_row])} tokens; "
-                                      f"--seq-length is {cfg.seq_length}")
+                                      f"--tokens-per-sequence is {cfg.tokens_per_sequence}")
             if tokens.size and (tokens.min() < 0 or tokens.max() > limit):
                 raise DataFormatError(path, first_row, "token_out_of_range", f"ids span [{tokens.min()}, "
                                       f"{tokens.max()}], vocabulary allows [0, {limit}]")
@@ -287,8 +287,6 @@ def import_parquet_file(path: str, parts_dir: str, settings: dict, cfg, dtype: n
     except BaseException:
         writer.abort()
         raise
-    from megatron_bliss.data.indexed import file_sha256
-
     if progress is not None:
         progress.update(os.path.getsize(path))
     return writer.finish(file_sha256(path), None)

@@ -4,9 +4,9 @@ This module owns the two stages and the manifest:
 
 1. every input file becomes a resumable *part* (:mod:`megatron_bliss.data.parts`), tokenized by worker processes;
 2. the parts, in input order, are dealt round-robin into ``--shards`` disjoint outputs. In ``sequences`` mode the
-   documents (EOD appended) form one token stream cut into sequences of exactly ``seq_length`` tokens, and stored
-   sequence ``g`` goes to shard ``g % shards`` (see :mod:`megatron_bliss.data.sequences` for why a sequence is
-   ``seq_length`` tokens); the trailing remainder shorter than a sequence is dropped and counted. In ``documents``
+   documents (EOD appended) form one token stream cut into sequences of exactly ``tokens_per_sequence`` tokens
+   (a model of ``seq_length`` L reads sequences of L+1 tokens), and stored sequence ``g`` goes to shard
+   ``g % shards``; the trailing remainder shorter than a sequence is dropped and counted. In ``documents``
    mode document ``d`` goes to shard ``d % shards``, one entry per document, as megatron-core's ``GPTDataset`` wants.
 
 Outputs are ``PREFIX.bin/.idx`` for one shard, else ``PREFIX_shard{K}.bin/.idx``, then ``PREFIX.manifest.json``,
@@ -25,9 +25,9 @@ import time
 import numpy as np
 
 from megatron_bliss.data.config import DataConfig
-from megatron_bliss.data.indexed import IndexedWriter, data_paths, dtype_for_vocab, exists, replace_atomic
+from megatron_bliss.data.indexed import IndexedWriter, dtype_for_vocab, exists, replace_atomic
 from megatron_bliss.data.parts import Part, import_parquet_file, load_part, part_name, tokenize_json_files
-from megatron_bliss.data.sources import SKIP_REASONS, expand_inputs, input_kind, new_skip_counts
+from megatron_bliss.data.sources import expand_inputs, input_kind, new_skip_counts
 
 logger = logging.getLogger(__name__)
 MANIFEST_FORMAT = "megatron_bliss.indexed/1"
@@ -76,7 +76,8 @@ def _settings(cfg: DataConfig, tokenizer_sha: str | None, dtype: np.dtype, parqu
     """What a part depends on (a part made with other settings is redone)."""
     return {"tokenizer_sha256": tokenizer_sha, "json_key": cfg.json_key, "append_eod": cfg.append_eod,
             "dtype": dtype.name, "eod_token": cfg.eod_token, "parquet_column": cfg.parquet_column,
-            "mode": cfg.mode if parquet else None, "seq_length": cfg.seq_length if parquet else None}
+            "mode": cfg.mode if parquet else None,
+            "tokens_per_sequence": cfg.tokens_per_sequence if parquet else None}
 
 
 def _part_paths(parts_dir: str, part: Part) -> tuple[str, str]:
@@ -92,7 +93,7 @@ def write_shards(parts: list[Part], parts_dir: str, cfg: DataConfig, dtype: np.d
     """
     prefixes = shard_prefixes(cfg.output_prefix, cfg.shards)
     writers = [IndexedWriter(p, dtype) for p in prefixes]
-    n, length, carry, index = cfg.shards, cfg.seq_length, np.zeros(0, dtype), 0
+    n, length, carry, index = cfg.shards, cfg.tokens_per_sequence, np.zeros(0, dtype), 0
     try:
         for part in parts:
             bin_path, len_path = _part_paths(parts_dir, part)
@@ -227,8 +228,7 @@ def _manifest(cfg: DataConfig, parts: list[Part], written: dict, tok: dict | Non
     return {
         "format": MANIFEST_FORMAT,
         "mode": cfg.mode,
-        "seq_length": cfg.seq_length,
-        "tokens_per_sequence": cfg.seq_length if cfg.mode == "sequences" else None,
+        "tokens_per_sequence": cfg.tokens_per_sequence if cfg.mode == "sequences" else None,
         "dtype": dtype.name,
         "vocab_size": vocab,
         "tokenizer": tok,
@@ -260,5 +260,4 @@ def _log_summary(manifest: dict) -> None:
     logger.info("skipped lines: %s", ", ".join(f"{k}={v}" for k, v in skipped.items()) if skipped else "none")
 
 
-__all__ = ["preprocess", "write_shards", "shard_prefixes", "manifest_path", "load_manifest", "SKIP_REASONS",
-           "data_paths"]
+__all__ = ["preprocess", "write_shards", "shard_prefixes", "manifest_path", "load_manifest"]

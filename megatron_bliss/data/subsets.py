@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from megatron_bliss.data.config import SubsetConfig
 from megatron_bliss.data.indexed import IndexedReader, IndexedWriter, file_sha256, replace_atomic
 
 logger = logging.getLogger(__name__)
@@ -48,8 +49,8 @@ def _top_k_chunked(scores: np.ndarray, k: int, chunk: int = _CHUNK) -> tuple[np.
     return cand_idx, threshold
 
 
-def select_indices(scores: np.ndarray, *, fraction: float | None = 0.2, top_k: int | None = None,
-                   method: str = "top", seed: int = 0) -> tuple[np.ndarray, float | None]:
+def select_indices(scores: np.ndarray, *, fraction: float | None = SubsetConfig.fraction, top_k: int | None = None,
+                   method: str = SubsetConfig.method, seed: int = SubsetConfig.seed) -> tuple[np.ndarray, float | None]:
     """Chooses which sequences to keep.
 
     Args:
@@ -74,8 +75,8 @@ def select_indices(scores: np.ndarray, *, fraction: float | None = 0.2, top_k: i
     return _top_k_chunked(scores, k)
 
 
-def write_subset(src_prefix: str, scores_or_indices, out_prefix: str, *, fraction: float | None = 0.2,
-                 top_k: int | None = None, method: str = "top", seed: int = 0) -> dict:
+def write_subset(src_prefix: str, scores_or_indices, out_prefix: str, *, fraction: float | None = SubsetConfig.fraction,
+                 top_k: int | None = None, method: str = SubsetConfig.method, seed: int = SubsetConfig.seed) -> dict:
     """Writes the selected sequences of ``src_prefix`` as the indexed dataset ``out_prefix``.
 
     Args:
@@ -84,7 +85,8 @@ def write_subset(src_prefix: str, scores_or_indices, out_prefix: str, *, fractio
             (or ``.npy`` path) of indices to keep as they are (then ``fraction``/``top_k``/``method`` are unused).
             ``None`` is allowed with ``method="random"``.
         out_prefix: output prefix.
-        fraction: fraction to keep (default 20 %) when ``top_k`` is None.
+        fraction: fraction to keep when ``top_k`` is None (defaults: those of
+            :class:`~megatron_bliss.data.config.SubsetConfig`, the settings of ``tools/select_subset.py``).
         top_k: number to keep.
         method: ``"top"`` or ``"random"``.
         seed: seed for ``"random"``.

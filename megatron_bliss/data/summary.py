@@ -10,10 +10,12 @@ import os
 
 import numpy as np
 
+from megatron_bliss.data.config import InspectConfig
 from megatron_bliss.data.indexed import IndexedReader
 
 
-def describe(prefix: str, tokenizer_model: str | None = None, show: int = 2, chars: int = 300) -> dict:
+def describe(prefix: str, tokenizer_model: str | None = None, show: int = InspectConfig.show,
+             chars: int = InspectConfig.chars) -> dict:
     """Summarizes ``PREFIX.bin/.idx``.
 
     Args:

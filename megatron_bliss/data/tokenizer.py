@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from megatron_bliss.data.config import TokenizerTrainingConfig
 from megatron_bliss.data.indexed import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,8 @@ def tokenizer_info(tokenizer: SentencePieceTokenizer | HFTokenizer) -> dict:
             "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod, "pad": tokenizer.pad}
 
 
-def sample_texts(inputs: list[str], num_docs: int, json_key: str = "text", seed: int = 0) -> list[str]:
+def sample_texts(inputs: list[str], num_docs: int, json_key: str = TokenizerTrainingConfig.json_key,
+                 seed: int = TokenizerTrainingConfig.seed) -> list[str]:
     """A seeded reservoir sample of document texts from C4-format inputs (bad lines are skipped).
 
     Args:
@@ -175,13 +177,17 @@ def sample_texts(inputs: list[str], num_docs: int, json_key: str = "text", seed:
     return reservoir
 
 
-def train_sentencepiece(inputs: list[str], model_prefix: str, vocab_size: int = 32000, num_docs: int = 20000,
-                        json_key: str = "text", seed: int = 0, num_threads: int = 2) -> str:
+def train_sentencepiece(inputs: list[str], model_prefix: str, vocab_size: int = TokenizerTrainingConfig.vocab_size,
+                        num_docs: int = TokenizerTrainingConfig.num_docs,
+                        json_key: str = TokenizerTrainingConfig.json_key, seed: int = TokenizerTrainingConfig.seed,
+                        num_threads: int = TokenizerTrainingConfig.threads) -> str:
     """Trains a SentencePiece BPE model offline from a sample of C4-format documents.
 
     Settings aim at exact round trips: identity normalization, whitespace kept as is, byte fallback for unseen
     characters, ``"\\n"`` as its own piece (training input is line-based, so newlines would otherwise never be
     seen). Ids: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2 (end of document), ``<pad>`` 3.
+
+    Defaults are those of :class:`~megatron_bliss.data.config.TokenizerTrainingConfig` (``tools/train_tokenizer.py``).
 
     Args:
         inputs: JSON-lines files to sample from.

@@ -34,19 +34,20 @@ def test_documents_round_trip(tmp_path, sample_files, tokenizer_path):
 
 def test_sequences_cut_exactly_and_drop_the_tail(tmp_path, sample_files, tokenizer_path):
     docs_manifest, docs_prefix = _run(tmp_path, sample_files, tokenizer_path, name="docs", mode="documents")
-    manifest, prefix = _run(tmp_path, sample_files, tokenizer_path, seq_length=128)
+    manifest, prefix = _run(tmp_path, sample_files, tokenizer_path, tokens_per_sequence=128)
     stream = IndexedReader.open(docs_prefix).tokens
     seqs = read_sequences(prefix, 128)
     n = stream.size // 128
     assert seqs.shape == (n, 128) and manifest["tokens_per_sequence"] == 128
+    assert "seq_length" not in manifest and manifest["config"]["tokens_per_sequence"] == 128  # one name, one meaning
     np.testing.assert_array_equal(seqs.reshape(-1), stream[: n * 128])
     assert manifest["counts"]["dropped_tail_tokens"] == stream.size - n * 128
     assert manifest["counts"]["tokens"] + manifest["counts"]["dropped_tail_tokens"] == stream.size
 
 
 def test_shards_are_disjoint_round_robin(tmp_path, sample_files, tokenizer_path):
-    _, whole = _run(tmp_path, sample_files, tokenizer_path, name="whole", seq_length=64)
-    manifest, prefix = _run(tmp_path, sample_files, tokenizer_path, name="sh", seq_length=64, shards=3)
+    _, whole = _run(tmp_path, sample_files, tokenizer_path, name="whole", tokens_per_sequence=64)
+    manifest, prefix = _run(tmp_path, sample_files, tokenizer_path, name="sh", tokens_per_sequence=64, shards=3)
     full = read_sequences(whole)
     for k in range(3):
         np.testing.assert_array_equal(read_sequences(f"{prefix}_shard{k}"), full[k::3])
@@ -85,21 +86,21 @@ def test_workers_give_byte_identical_output(tmp_path, sample_files, tokenizer_pa
     outs = {}
     for workers in (1, 2):
         manifest, prefix = _run(tmp_path, sample_files, tokenizer_path, name=f"w{workers}", workers=workers,
-                                seq_length=256, shards=2, chunk_bytes=16384)
+                                tokens_per_sequence=256, shards=2, chunk_bytes=16384)
         outs[workers] = [open(f"{prefix}_shard{k}{s}", "rb").read() for k in range(2) for s in (".bin", ".idx")]
     assert outs[1] == outs[2]
-    _, prefix0 = _run(tmp_path, sample_files, tokenizer_path, name="w0", seq_length=256, shards=2)
+    _, prefix0 = _run(tmp_path, sample_files, tokenizer_path, name="w0", tokens_per_sequence=256, shards=2)
     assert [open(f"{prefix0}_shard{k}{s}", "rb").read() for k in range(2) for s in (".bin", ".idx")] == outs[1]
 
 
 def test_rerun_skips_finished_work(tmp_path, sample_files, tokenizer_path, caplog):
-    first, prefix = _run(tmp_path, sample_files, tokenizer_path, seq_length=128)
+    first, prefix = _run(tmp_path, sample_files, tokenizer_path, tokens_per_sequence=128)
     before = open(prefix + ".bin", "rb").read()
     with caplog.at_level("INFO"):
-        second, _ = _run(tmp_path, sample_files, tokenizer_path, seq_length=128)
+        second, _ = _run(tmp_path, sample_files, tokenizer_path, tokens_per_sequence=128)
     assert "already complete" in caplog.text and second == first
     assert open(prefix + ".bin", "rb").read() == before
-    third, _ = _run(tmp_path, sample_files, tokenizer_path, seq_length=64)  # other settings: redone
+    third, _ = _run(tmp_path, sample_files, tokenizer_path, tokens_per_sequence=64)  # other settings: redone
     assert third["tokens_per_sequence"] == 64 and len(read_sequences(prefix)[0]) == 64
 
 
@@ -133,14 +134,14 @@ def test_parquet_pool_passes_through(tmp_path):
         table = pa.table({"input_ids": pa.array([r.tolist() for r in rows[i * 5:(i + 1) * 5]],
                                                 type=pa.list_(pa.int32()))})
         pq.write_table(table, tmp_path / f"pool-{i}.parquet")
-    cfg = DataConfig(input=[str(tmp_path / "*.parquet")], output_prefix=str(tmp_path / "pool"), seq_length=32,
-                     vocab_size=50277, progress=False)
+    cfg = DataConfig(input=[str(tmp_path / "*.parquet")], output_prefix=str(tmp_path / "pool"),
+                     tokens_per_sequence=32, vocab_size=50277, progress=False)
     manifest = preprocess(cfg)
     np.testing.assert_array_equal(read_sequences(str(tmp_path / "pool"), 32), np.stack(rows))
     assert manifest["dtype"] == "uint16" and manifest["counts"]["sequences"] == 10
-    with pytest.raises(DataFormatError, match=r"pool-0.parquet:0: wrong_length"):
+    with pytest.raises(DataFormatError, match=r"pool-0.parquet:0: wrong_length .*--tokens-per-sequence is 16"):
         preprocess(DataConfig(input=[str(tmp_path / "pool-0.parquet")], output_prefix=str(tmp_path / "bad"),
-                              seq_length=16, vocab_size=50277, progress=False))
+                              tokens_per_sequence=16, vocab_size=50277, progress=False))
 
 
 def test_bad_settings_are_named(tmp_path, sample_files, tokenizer_path):

@@ -49,7 +49,7 @@ def test_killed_run_leaves_nothing_finished_and_rerun_is_identical(tmp_path):
     inputs.mkdir()
     for i in range(40):  # enough inputs that the kill lands mid-way
         shutil.copy(SAMPLE[i % 2], inputs / f"c4-train.{i:05d}.json.gz")
-    args = ["--input", str(inputs / "*.json.gz"), "--tokenizer-model", DEFAULT_TOKENIZER, "--seq-length", 64,
+    args = ["--input", str(inputs / "*.json.gz"), "--tokenizer-model", DEFAULT_TOKENIZER, "--tokens-per-sequence", 64,
             "--workers", 1, "--shards", 2, "--no-progress", "--chunk-bytes", 8192]
     cmd = [sys.executable, os.path.join(TOOLS, "preprocess_c4.py"), "--output-prefix", tmp_path / "run", *args]
     proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -77,7 +77,7 @@ def test_killed_run_leaves_nothing_finished_and_rerun_is_identical(tmp_path):
 
 def test_validation_subset_and_inspect_tools(tmp_path):
     tool("preprocess_c4", "--input", *SAMPLE, "--output-prefix", tmp_path / "c4", "--tokenizer-model",
-         DEFAULT_TOKENIZER, "--seq-length", 64, "--workers", 0, "--no-progress")
+         DEFAULT_TOKENIZER, "--tokens-per-sequence", 64, "--workers", 0, "--no-progress")
     n = json.loads((tmp_path / "c4.manifest.json").read_text())["counts"]["sequences"]
     np.save(tmp_path / "scores.npy", np.arange(n, dtype=np.float32))
     tool("select_subset", "--data-prefix", tmp_path / "c4", "--scores", tmp_path / "scores.npy", "--output-prefix",
@@ -102,3 +102,78 @@ def test_train_tokenizer_tool(tmp_path):
     assert tok.vocab_size == 600 and tok.eod == 2 and tok.pad == 3
     text = "In the beginning\nwas the word."
     assert tok.detokenize(tok.tokenize(text)) == text
+
+
+def test_old_seq_length_flag_is_an_error_naming_the_new_one(tmp_path):
+    proc = tool("preprocess_c4", "--input", *SAMPLE, "--output-prefix", tmp_path / "c4", "--tokenizer-model",
+                DEFAULT_TOKENIZER, "--seq-length", 129, "--no-progress", check=False)
+    assert proc.returncode == 2 and "--seq-length was renamed --tokens-per-sequence" in proc.stderr
+    assert "L+1" in proc.stderr and "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
+CONFIGS = {"preprocess_c4": ("DataConfig", {"input": ["x"], "output_prefix": "y"}),
+           "train_tokenizer": ("TokenizerTrainingConfig", {"input": ["x"], "model_prefix": "y"}),
+           "prepare_validation": ("ValidationSetConfig", {"input": "x", "output_prefix": "y", "tokenizer_model": "z"}),
+           "select_subset": ("SubsetConfig", {"data_prefix": "x", "output_prefix": "y", "scores": "s"}),
+           "inspect_indexed": ("InspectConfig", {"prefix": "x"})}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_flags_and_defaults_come_from_the_config_dataclass(name):
+    """Every field is a flag documented in --help, and the flags' defaults are the dataclass's own."""
+    import argparse
+    import dataclasses
+
+    from megatron_bliss.data import commands, config
+
+    cls_name, given = CONFIGS[name]
+    cls = getattr(config, cls_name)
+    argv = []
+    for key, value in given.items():
+        values = value if isinstance(value, list) else [value]
+        argv += values if key == "prefix" else [f"--{key.replace('_', '-')}", *values]
+    parser = argparse.ArgumentParser()
+    commands.add_config_arguments(parser, cls)
+    assert commands.config_from_args(cls, parser.parse_args(argv), parser) == cls(**given)
+    assert set(commands.field_docs(cls)) == {f.name for f in dataclasses.fields(cls)}, "a field without --help"
+    help_text = " ".join(tool(name, "--help").stdout.split())
+    for f in dataclasses.fields(cls):
+        flag = f.name.replace("_", "-")
+        assert f.metadata.get("positional") or f"--{flag} " in help_text or f"--no-{flag} " in help_text, f.name
+
+
+def _corpus_module():
+    sys.path.insert(0, TOOLS)
+    try:
+        import build_sample_corpus
+    finally:
+        sys.path.remove(TOOLS)
+    return build_sample_corpus
+
+
+def test_sample_corpus_builder_writes_c4_format_reproducibly(tmp_path, monkeypatch):
+    corpus = _corpus_module()
+    texts = [f"Entry {i}: " + "word " * (5 + i % 40) for i in range(300)]
+    monkeypatch.setitem(corpus.SOURCES, "fake", lambda: iter(texts))
+    summary = corpus.build_corpus(str(tmp_path / "a"), ["fake"], num_files=2, seed=3)
+    again = corpus.build_corpus(str(tmp_path / "b"), ["fake"], num_files=2, seed=3)
+    assert summary["per_source"] == {"fake": summary["documents"]} and 1 < summary["documents"] < len(texts)
+    for path, other in zip(summary["files"], again["files"]):
+        assert os.path.basename(path).startswith("c4-train.") and path.endswith("-of-00002.json.gz")
+        with open(path, "rb") as f, open(other, "rb") as g:
+            assert f.read() == g.read()  # seeded order, gzip mtime 0: byte-identical rebuilds
+    import gzip
+
+    docs = [json.loads(line) for path in summary["files"] for line in gzip.open(path, "rt", encoding="utf-8")]
+    assert all(set(d) == {"text", "timestamp", "url"} and d["url"].startswith("https://fake.") for d in docs)
+    units = sorted(u for d in docs for u in d["text"].split("\n\n"))
+    assert units == sorted(texts)  # every unit once, never split
+    with pytest.raises(ValueError, match="unknown source 'nope'"):
+        corpus.build_corpus(str(tmp_path / "c"), ["nope"])
+
+
+def test_sample_corpus_tool_names_a_missing_source(tmp_path):
+    if os.path.exists("/usr/share/dictd/devil.index"):
+        pytest.skip("dict-devil is installed here")
+    proc = tool("build_sample_corpus", "--output-dir", tmp_path / "out", "--sources", "devil", check=False)
+    assert proc.returncode == 2 and "devil" in proc.stderr and "Traceback" not in proc.stderr
