@@ -58,8 +58,8 @@ def _run_ours(corpus, args, workers, prefix):
     for old in glob.glob(prefix + "*"):
         shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
     cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_c4.py"), "--input", corpus, "--output-prefix",
-           prefix, "--tokenizer-model", args.tokenizer_model, "--seq-length", str(args.seq_length), "--mode",
-           args.mode, "--workers", str(workers), "--no-progress"]
+           prefix, "--tokenizer-model", args.tokenizer_model, "--tokens-per-sequence", str(args.tokens_per_sequence),
+           "--mode", args.mode, "--workers", str(workers), "--no-progress"]
     wall, cpu, proc = _timed(cmd)
     if proc.returncode:
         raise RuntimeError(f"tools/preprocess_c4.py failed:\n{proc.stderr[-3000:]}")
@@ -91,7 +91,7 @@ def main(argv=None):
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mode", default="documents", choices=("documents", "sequences"))
-    p.add_argument("--seq-length", type=int, default=1024)
+    p.add_argument("--tokens-per-sequence", type=int, default=1025)
     p.add_argument("--megatron-lm", help="a Megatron-LM checkout (its tools/preprocess_data.py is run)")
     p.add_argument("--megatron-pythonpath", help="extra PYTHONPATH for Megatron-LM's own imports")
     p.add_argument("--workdir", help="scratch directory (default: a temporary one)")

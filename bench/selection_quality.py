@@ -50,6 +50,7 @@ import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # the sample-corpus builder
 
 SAMPLE_DIR = os.path.join(ROOT, "tests", "assets", "c4_sample")
 SAMPLE_LAMBADA = os.path.join(ROOT, "tests", "assets", "lambada_sample.jsonl")
@@ -93,7 +94,7 @@ def read_documents(corpus_dir: str) -> dict:
 
 def available_sources() -> list:
     """The offline corpus sources whose Debian packages are installed here."""
-    from megatron_bliss.data.corpus import SOURCES
+    from build_sample_corpus import SOURCES
 
     found = []
     for name, units in SOURCES.items():
@@ -107,7 +108,7 @@ def available_sources() -> list:
 
 def load_corpus(args, work: str) -> tuple:
     """``(documents by domain, LAMBADA-format validation path, description)`` for ``--corpus``."""
-    from megatron_bliss.data.corpus import build_corpus, build_lambada_sample
+    from build_sample_corpus import build_corpus, build_lambada_sample
 
     sources = available_sources() if args.corpus != "sample" else []
     usable = VALIDATION_DOMAIN in sources and len(sources) > 3  # more than the shipped sample's three sources

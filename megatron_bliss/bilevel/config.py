@@ -1,6 +1,6 @@
 """BilevelConfig: every setting of one BLISS bilevel round (the ``bilevel`` section of a run's YAML).
 
-Symbols follow BLISS.md: γ = ``kl_coef``, λ = ``l2_coef``, μ = ``damping``, η_z = ``solver_lr``, K = ``solver_steps``.
+Symbols follow the BLISS paper (Hao et al., ICML 2026): γ = ``kl_coef``, λ = ``l2_coef``, μ = ``damping``, η_z = ``solver_lr``, K = ``solver_steps``.
 Per-field checks live in ``__post_init__``; checks that need the model or the parallel layout (which HVP engine can
 run on which attention backend and tensor-parallel size) are in :mod:`megatron_bliss.bilevel.hvp`
 (``resolve_engine``) and in :class:`BilevelRunConfig.validate`.
@@ -25,13 +25,13 @@ MIXED_TERMS = ("auto", "jvp", "finite_difference", "loop")
 class BilevelConfig:
     """Objectives, hypergradient numerics, optimizers, schedule, inputs and outputs of one bilevel round."""
 
-    # --- objectives (BLISS.md §2) ---
+    # --- objectives ---
     kl_coef: float = 1e-2
     """γ: weight of KL(p_target ‖ p_proxy) in the lower-level loss G (0 drops the target entirely)."""
     l2_coef: float = 1e-7
     """λ: weight of ‖θp‖² in G."""
 
-    # --- hypergradient (BLISS.md §3) ---
+    # --- hypergradient ---
     hvp_engine: str = "auto"
     """'exact' (double backward / forward-mode AD; local attention, TP=1), 'finite_difference' (central differences
     in fp32+ weights; fused kernels and TP>1), or 'auto' (exact where it can run, with the reason logged)."""

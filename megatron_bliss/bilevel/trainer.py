@@ -1,4 +1,4 @@
-"""BilevelTrainer: one BLISS round (BLISS.md §3-4) as a resumable loop of outer steps.
+"""BilevelTrainer: one BLISS round as a resumable loop of outer steps.
 
 Start of a round: the proxy θp is reset to the warm-up checkpoint; the score model θs is inherited from the previous
 round's checkpoint (``bilevel.init_score``) or its body is copied from the warm-up proxy with a fresh head; the

@@ -23,7 +23,7 @@ from megatron_bliss.models.gpt import build_gpt, gpt_logits
 from megatron_bliss.models.presets import get_preset
 from megatron_bliss.ops import reference as ref
 from tests.bilevel import realtext
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_torchrun
 
 PROXY = dict(preset="debug", vocab_size=8000, make_vocab_size_divisible_by=64, seq_length=64, hidden_size=16,
              num_attention_heads=4, num_layers=2)
@@ -157,7 +157,7 @@ def test_nan_guard_skips_and_never_checkpoints_poison(tmp_path, monkeypatch, sin
         next(trainer.proxy.parameters()).fill_(float("nan"))
     trainer.step = 5
     trainer.save()
-    assert not os.path.exists(os.path.join(trainer.ckpt_dir, "iter_0000005"))
+    assert not os.path.exists(os.path.join(trainer.checkpoints.save_dir, "iter_0000005"))
 
 
 def _warm_proxy(cfg, pool, path, steps=120, seed=0):
@@ -236,3 +236,14 @@ def test_sequences_longer_than_the_model_are_refused(tmp_path, single_process):
     with pytest.raises(ValueError, match="proxy.seq_length is 16"):
         BilevelTrainer(BilevelRunConfig(proxy=get_preset("debug", vocab_size=8000), bilevel=BilevelConfig(
             kl_coef=0.0, tensorboard=False)), BilevelPaths(output_dir=str(tmp_path / "r")), pool, val)
+
+
+@pytest.mark.dist
+def test_checkpoint_saved_at_dp2_loads_at_dp1_and_tp2(tmp_path):
+    """Proxy, score model, both optimizers and z saved at DP=2 come back tensor for tensor at DP=1 and at TP=2."""
+    script = os.path.join(REPO_ROOT, "tests", "bilevel", "checkpoint_layouts.py")
+    run_dir, ref = str(tmp_path / "round"), str(tmp_path / "ref.pt")
+    run_torchrun(script, "save", run_dir, ref, nproc=2)
+    assert "tensors equal at TP=1, dp=1" in run_torchrun(script, "check", run_dir, ref, "1", nproc=1)
+    out = run_torchrun(script, "check", run_dir, ref, "2", nproc=2)
+    assert out.count("tensors equal at TP=2") == 2
