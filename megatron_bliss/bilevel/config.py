@@ -1,6 +1,7 @@
 """BilevelConfig: every setting of one BLISS bilevel round (the ``bilevel`` section of a run's YAML).
 
-Symbols follow the BLISS paper (Hao et al., ICML 2026): γ = ``kl_coef``, λ = ``l2_coef``, μ = ``damping``, η_z = ``solver_lr``, K = ``solver_steps``.
+Symbols follow the BLISS paper (Hao et al., ICML 2026): γ = ``kl_coef``, λ = ``l2_coef``, μ = ``damping``,
+η_z = ``solver_lr``, K = ``solver_steps``.
 Per-field checks live in ``__post_init__``; checks that need the model or the parallel layout (which HVP engine can
 run on which attention backend and tensor-parallel size) are in :mod:`megatron_bliss.bilevel.hvp`
 (``resolve_engine``) and in :class:`BilevelRunConfig.validate`.

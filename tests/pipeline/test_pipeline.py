@@ -22,7 +22,8 @@ def data_dir(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
     subprocess.run([sys.executable, "tools/preprocess_c4.py", "--input", "tests/assets/c4_sample", "--output-prefix",
                     str(out / "c4"), "--tokenizer-model", TOKENIZER, "--tokens-per-sequence", "33",
-                    "--mode", "sequences", "--shards", "2", "--workers", "1", "--no-progress"], check=True, cwd=REPO_ROOT, env=env,
+                    "--mode", "sequences", "--shards", "2", "--workers", "1", "--no-progress"], check=True,
+                   cwd=REPO_ROOT, env=env,
                    capture_output=True)
     subprocess.run([sys.executable, "tools/prepare_validation.py", "--input", "tests/assets/lambada_sample.jsonl",
                     "--output-prefix", str(out / "lambada"), "--tokenizer-model", TOKENIZER, "--max-length", "32"],

@@ -22,7 +22,8 @@ def build_text_data(out_dir: str, sample_length: int) -> dict:
 
     train = os.path.join(out_dir, "c4_sample")
     inputs = sorted(glob.glob(os.path.join(REPO_ROOT, "tests", "assets", "c4_sample", "*.json.gz")))
-    preprocess(DataConfig(input=inputs, output_prefix=train, tokenizer_model=TOKENIZER, tokens_per_sequence=sample_length,
+    preprocess(DataConfig(input=inputs, output_prefix=train, tokenizer_model=TOKENIZER,
+                          tokens_per_sequence=sample_length,
                           mode="sequences", workers=0, progress=False))
     valid = os.path.join(out_dir, "lambada")
     prepare_validation(os.path.join(REPO_ROOT, "tests", "assets", "lambada_sample.jsonl"), valid, TOKENIZER)
