@@ -11,17 +11,19 @@ context tokens + the continuation tokenized on its own. Either way the target to
 
 :func:`load_validation_set` returns right-padded ``int64`` tokens ``[N, T]`` and a ``float32`` loss mask ``[N, T]``
 aligned with the tokens: ``mask[i, t] = 1`` means token ``t`` is a target token, predicted from positions ``< t``
-(use ``mask[:, 1:]`` with ``labels = tokens[:, 1:]``).
+(use ``mask[:, 1:]`` with ``labels = tokens[:, 1:]``; :func:`megatron_bliss.data.loader.split_next_token`). Reading
+and cropping are :mod:`megatron_bliss.data.loader`'s (one rule for every consumer of a validation set).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 
-from megatron_bliss.data.indexed import IndexedReader, IndexedWriter, dtype_for_vocab, file_sha256, replace_atomic
+from megatron_bliss.data.indexed import IndexedWriter, dtype_for_vocab, file_sha256, replace_atomic
 from megatron_bliss.data.sources import DataFormatError, ReadStatus, new_skip_counts, read_line_chunks
 
 logger = logging.getLogger(__name__)
@@ -147,32 +149,29 @@ def prepare_validation(input_path: str, out_prefix: str, tokenizer_model: str, *
 
 def load_validation_set(prefix: str, pad_id: int = 0, max_length: int | None = None
                         ) -> tuple[np.ndarray, np.ndarray]:
-    """Loads a validation set as padded arrays.
+    """Loads a validation set as padded arrays, under the crop rule of :mod:`megatron_bliss.data.loader`.
 
     Args:
         prefix: a prefix written by :func:`prepare_validation`.
         pad_id: value of padding positions (never counted: their mask is 0).
-        max_length: pad (or check) to this width; default the longest example.
+        max_length: width of the rows: shorter examples are right-padded, longer ones keep their last
+            ``max_length`` tokens (they hold the target); default: the longest example, nothing cropped.
 
     Returns:
         ``(tokens int64 [N, T], loss_mask float32 [N, T])``; ``torch.from_numpy`` gives LongTensor/FloatTensor.
+
+    Raises:
+        FileNotFoundError: ``PREFIX.targets.npy`` (or the dataset) is missing. ValueError: a target span does not
+            fit in ``max_length`` tokens with one token of context, or an example has no target to predict.
     """
-    reader = IndexedReader.open(prefix)
-    spans = np.load(prefix + ".targets.npy")
-    if spans.shape != (len(reader), 2):
-        raise ValueError(f"{prefix}.targets.npy has shape {spans.shape}, expected ({len(reader)}, 2)")
-    width = int(np.max(reader.sizes)) if len(reader) else 0
-    if max_length is not None:
-        if max_length < width:
-            raise ValueError(f"{prefix}: longest example has {width} tokens > max_length={max_length}")
-        width = max_length
-    tokens = np.full((len(reader), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(reader), width), dtype=np.float32)
-    for i in range(len(reader)):
-        entry = reader[i]
-        tokens[i, :entry.size] = entry
-        mask[i, spans[i, 0]:spans[i, 1]] = 1.0
-    return tokens, mask
+    from megatron_bliss.data.loader import crop_examples, read_examples
+
+    if not os.path.exists(prefix + ".targets.npy"):
+        raise FileNotFoundError(f"{prefix}.targets.npy: no such file (is {prefix!r} a prefix written by "
+                                "prepare_validation?)")
+    tokens, mask, _ = read_examples(prefix)
+    return crop_examples(tokens, mask, max_length, has_targets=True, fixed_width=max_length is not None,
+                         pad_id=pad_id, name=prefix)
 
 
 __all__ = ["prepare_validation", "load_validation_set", "split_lambada", "encode_example"]

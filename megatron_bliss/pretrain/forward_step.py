@@ -1,10 +1,12 @@
 """The forward step handed to megatron-core's pipeline schedules: micro-batch in, (output, loss closure) out.
 
 A micro-batch is a dict with ``tokens`` ``[b, s]`` (int64), ``labels`` ``[b, s]`` (the tokens shifted by one) and
-optionally ``loss_mask`` ``[b, s]`` (float; 1 where a label counts). Every pipeline stage receives the same dict;
-the first stage embeds ``tokens``, the last computes megatron-core's vocab-parallel cross-entropy against ``labels``.
-The loss closure returns the mean over counted tokens of the micro-batch, which the schedule divides by the number
-of micro-batches, so a global batch's loss is the mean of its micro-batch means (all micro-batches have equal size).
+optionally ``loss_mask`` ``[b, s]`` (float; 1 where a label counts), as
+:func:`megatron_bliss.data.loader.next_token_batch` builds it from stored sequences. Every pipeline stage receives
+the same dict; the first stage embeds ``tokens``, the last computes megatron-core's vocab-parallel cross-entropy
+against ``labels``. The loss closure returns the mean over counted tokens of the micro-batch, which the schedule
+divides by the number of micro-batches, so a global batch's loss is the mean of its micro-batch means (all
+micro-batches have equal size).
 """
 
 from __future__ import annotations
@@ -33,14 +35,6 @@ def lm_forward_step(data_iterator, model):
     b, s = tokens.shape
     output = model(tokens, position_ids(b, s, tokens.device), causal_attention_mask(s, tokens.device), labels=labels)
     return output, partial(_masked_mean_loss, batch.get("loss_mask"))
-
-
-def split_sequences(sequences: torch.Tensor, loss_mask: torch.Tensor | None = None) -> dict:
-    """Micro-batch dict from stored sequences ``[b, L]``: predict tokens 1..L-1 from 0..L-2."""
-    batch = {"tokens": sequences[:, :-1].contiguous(), "labels": sequences[:, 1:].contiguous()}
-    if loss_mask is not None:
-        batch["loss_mask"] = loss_mask[:, 1:].contiguous()
-    return batch
 
 
 def _masked_sum_loss(loss_mask, output_tensor):

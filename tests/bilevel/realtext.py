@@ -24,8 +24,8 @@ def build_prefixes(out_dir: str, seq_length: int = 33) -> tuple:
     from megatron_bliss.data import DataConfig, prepare_validation, preprocess
 
     train, val = os.path.join(out_dir, "train"), os.path.join(out_dir, "val")
-    preprocess(DataConfig(input=[C4_SAMPLE], output_prefix=train, tokenizer_model=TOKENIZER, seq_length=seq_length,
-                          workers=0, progress=False))
+    preprocess(DataConfig(input=[C4_SAMPLE], output_prefix=train, tokenizer_model=TOKENIZER,
+                          tokens_per_sequence=seq_length, workers=0, progress=False))
     prepare_validation(LAMBADA, val, TOKENIZER, max_length=64)
     return train, val
 

@@ -14,8 +14,8 @@ def test_indexed_dataset_and_gpt_dataset(tmp_path, sample_files, tokenizer_path)
     seqs = str(tmp_path / "seqs")
     preprocess(DataConfig(input=sample_files, output_prefix=docs, tokenizer_model=tokenizer_path, mode="documents",
                           workers=0, progress=False))
-    preprocess(DataConfig(input=sample_files, output_prefix=seqs, tokenizer_model=tokenizer_path, seq_length=64,
-                          workers=0, progress=False))
+    preprocess(DataConfig(input=sample_files, output_prefix=seqs, tokenizer_model=tokenizer_path,
+                          tokens_per_sequence=64, workers=0, progress=False))
     tok = build_tokenizer(tokenizer_path)
     indexed = IndexedDataset(seqs)
     assert set(indexed.sequence_lengths.tolist()) == {64}

@@ -1,4 +1,4 @@
-"""Stored sequences as samples (reader, Dataset, resumable DP sampler) and scored subsets."""
+"""Stored sequences as samples (reader, Dataset) and scored subsets; sampling is tested in test_data_loader."""
 
 import json
 
@@ -7,7 +7,6 @@ import pytest
 
 from megatron_bliss.data import (
     DataConfig,
-    DistributedSequenceSampler,
     IndexedReader,
     IndexedWriter,
     SequenceDataset,
@@ -21,8 +20,8 @@ from megatron_bliss.data import (
 @pytest.fixture(scope="module")
 def seq_prefix(tmp_path_factory, sample_files, tokenizer_path):
     prefix = str(tmp_path_factory.mktemp("seq") / "c4")
-    preprocess(DataConfig(input=sample_files, output_prefix=prefix, tokenizer_model=tokenizer_path, seq_length=32,
-                          workers=0, progress=False))
+    preprocess(DataConfig(input=sample_files, output_prefix=prefix, tokenizer_model=tokenizer_path,
+                          tokens_per_sequence=32, workers=0, progress=False))
     return prefix
 
 
@@ -35,28 +34,6 @@ def test_read_sequences_and_dataset(seq_prefix):
     assert ds.batch([0, 7]).shape == (2, 32)
     with pytest.raises(ValueError, match="expects 64"):
         read_sequences(seq_prefix, 64)
-
-
-def test_sampler_partitions_global_batches_and_resumes():
-    n, gbs = 103, 8
-    samplers = [DistributedSequenceSampler(n, gbs, dp_rank=r, dp_size=2, seed=3) for r in range(2)]
-    per_rank = [list(s) for s in samplers]
-    assert len(per_rank[0]) == len(per_rank[1]) == (n // gbs) * gbs // 2
-    perm = samplers[0].permutation(0)
-    for b in range(n // gbs):  # rank r holds the r-th half of each global batch
-        assert per_rank[0][b * 4:(b + 1) * 4] + per_rank[1][b * 4:(b + 1) * 4] == perm[b * 8:(b + 1) * 8].tolist()
-    assert samplers[0].epoch == 1 and list(samplers[0])[:4] != per_rank[0][:4]  # a new epoch, a new order
-
-    full = DistributedSequenceSampler(n, gbs, dp_rank=1, dp_size=2, seed=3)
-    it = iter(full)
-    taken = [next(it) for _ in range(3 * 4)]  # three global batches consumed
-    state = full.state_dict()
-    assert state == {"epoch": 0, "position": 24, "seed": 3}
-    resumed = DistributedSequenceSampler(n, gbs, dp_rank=1, dp_size=2, seed=3)
-    resumed.load_state_dict(json.loads(json.dumps(state)))
-    assert taken + list(resumed) == per_rank[1]
-    with pytest.raises(ValueError, match="divisible"):
-        DistributedSequenceSampler(n, 9, dp_size=2)
 
 
 def test_top_k_is_exact_with_deterministic_ties():

@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_bliss import parallel
+from megatron_bliss.data.loader import next_token_batch
 from megatron_bliss.models import build_gpt_chunks, get_preset, load_model, save_model
-from megatron_bliss.pretrain.forward_step import lm_forward_step, split_sequences
+from megatron_bliss.pretrain.forward_step import lm_forward_step
 
 CFG = get_preset("debug", num_layers=4, seq_length=16)
 MICRO, NUM_MICRO = 2, 4
@@ -27,7 +28,7 @@ MICRO, NUM_MICRO = 2, 4
 def batches():
     gen = torch.Generator().manual_seed(7)
     seqs = torch.randint(0, CFG.vocab_size, (MICRO * NUM_MICRO, CFG.seq_length + 1), generator=gen)
-    return [split_sequences(seqs[i * MICRO:(i + 1) * MICRO]) for i in range(NUM_MICRO)]
+    return [next_token_batch(seqs[i * MICRO:(i + 1) * MICRO]) for i in range(NUM_MICRO)]
 
 
 def loss_and_grad_norm(chunks):

@@ -1,17 +1,19 @@
-"""Fast checks of the pretraining pieces: WSD schedule, blended sampler, batch slicing, config validation."""
+"""Fast checks of the pretraining pieces: WSD schedule, batch slicing, validation batches, config validation.
+
+The sampler itself is tested with the rest of the data path in tests/data/test_data_loader.py.
+"""
 
 import math
 import os
 
-import numpy as np
 import pytest
 
 from megatron_bliss.config import ConfigError, load_config
 from megatron_bliss.pretrain.config import PretrainRunConfig
-from megatron_bliss.pretrain.data import BlendedSampler, TrainBatches, ValidationBatches
+from megatron_bliss.pretrain.data import TrainBatches, ValidationBatches
 from megatron_bliss.pretrain.schedule import ScheduleConfig, WSDSchedule
 from tests.conftest import REPO_ROOT
-from tests.pretraining.conftest import SEQ
+from tests.pretrain.conftest import SEQ
 
 
 def test_wsd_schedule_warmup_constant_decay():
@@ -34,22 +36,6 @@ def test_schedule_sets_groups_with_wd_mult():
     assert [g["weight_decay"] for g in Opt.param_groups] == [0.1, 0.0]
 
 
-def test_sampler_blends_epochs_and_resumes_exactly():
-    sampler = BlendedSampler([10, 30], [0.25, 0.75], seed=3)
-    first = sampler.take(40)
-    counts = np.bincount([d for d, _ in first], minlength=2)
-    assert counts.tolist() == [10, 30]  # the greedy blend is exact at multiples of the weights
-    assert sorted(i for d, i in first if d == 0) == list(range(10))  # one epoch visits every sequence once
-    state = sampler.state_dict()
-    after = sampler.take(17)
-    resumed = BlendedSampler([10, 30], [0.25, 0.75], seed=3)
-    resumed.load_state_dict(state)
-    assert resumed.take(17) == after
-    assert BlendedSampler([10, 30], [0.25, 0.75], seed=4).take(40) != first
-    with pytest.raises(ValueError, match="sizes"):
-        BlendedSampler([10, 31], None, seed=3).load_state_dict(state)
-
-
 def test_data_parallel_slices_partition_the_global_batch(text_data):
     whole = TrainBatches([text_data["train"]], None, 0, SEQ + 1, 8, 2, dp_rank=0, dp_size=1)
     halves = [TrainBatches([text_data["train"]], None, 0, SEQ + 1, 8, 2, dp_rank=r, dp_size=2) for r in (0, 1)]
@@ -57,6 +43,21 @@ def test_data_parallel_slices_partition_the_global_batch(text_data):
         ref = [b["tokens"] for b in whole.next_batches()]
         got = [b["tokens"] for h in halves for b in h.next_batches()]
         assert len(ref) == 4 and all((a == b).all() for a, b in zip(ref, got))
+
+
+def test_train_batches_resume_where_they_stopped(text_data):
+    prefixes = [text_data["train"], text_data["train"]]
+    run = TrainBatches(prefixes, [0.25, 0.75], 5, SEQ + 1, 8, 2, dp_rank=1, dp_size=2)
+    for _ in range(3):
+        run.next_batches()
+    state = run.state_dict()
+    assert state["consumed"] == 24 and state["counts"] == [6, 18]  # the blend weights, global samples
+    resumed = TrainBatches(prefixes, [0.25, 0.75], 5, SEQ + 1, 8, 2, dp_rank=1, dp_size=2)
+    resumed.load_state_dict(state)
+    for a, b in zip(run.next_batches(), resumed.next_batches()):
+        assert (a["tokens"] == b["tokens"]).all() and (a["labels"] == b["labels"]).all()
+    with pytest.raises(ValueError, match="data state is for"):
+        TrainBatches(prefixes[:1], None, 5, SEQ + 1, 8, 2, dp_rank=1, dp_size=2).load_state_dict(state)
 
 
 def test_validation_scores_only_the_targets(text_data):
