@@ -294,6 +294,9 @@ class BatchSource:
         Raises:
             ValueError: the state belongs to other datasets (names, sizes), another seed or other weights.
         """
+        if "consumed" not in state or "counts" not in state:
+            raise ValueError(f"data state for {', '.join(self.names)} has keys {sorted(state)}, not a sample count: "
+                             "it was written by an older sampler and cannot be resumed; start the run afresh")
         if state.get("prefixes") != self.names:
             raise ValueError(f"data state is for {state.get('prefixes')}, not {self.names}")
         self.sampler.load_state_dict(state)

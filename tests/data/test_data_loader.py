@@ -118,6 +118,8 @@ def test_batch_source_resumes_mid_epoch_like_an_uninterrupted_run():
     assert all(torch.equal(a, b) for a, b in zip(head + tail, uninterrupted))
     with pytest.raises(ValueError, match="data state is for"):
         BatchSource(data, 4, 1, 2, seed=9, names=["other"]).load_state_dict(state)
+    with pytest.raises(ValueError, match="older sampler"):
+        resumed.load_state_dict({"epoch": 1, "position": 4, "seed": 9})
 
 
 def test_micro_batches_are_the_next_token_split():
