@@ -198,10 +198,11 @@ def validation_halves(lambada_path: str, work: str) -> tuple:
 # ------------------------------------------------------------------------------------------- language models
 def lm_loss(model, tokens, mask=None):
     """Token-mean next-token CE of ``tokens`` ``[b, L]`` (targets where ``mask[:, 1:]``; all tokens without mask)."""
+    from megatron_bliss.data.loader import split_next_token
     from megatron_bliss.models.gpt import gpt_logits
     from megatron_bliss.ops import reference as ref
 
-    inputs, labels, m = ref.split_next_token(tokens, mask)
+    inputs, labels, m = split_next_token(tokens, mask)
     return ref.token_mean_cross_entropy(gpt_logits(model, inputs), labels, m)
 
 

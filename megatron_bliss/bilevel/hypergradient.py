@@ -36,6 +36,7 @@ from megatron_bliss.bilevel.losses import (
     weighted_lm_objective,
     weighted_lm_output_hvp,
 )
+from megatron_bliss.data.loader import split_next_token
 from megatron_bliss.models.gpt import gpt_logits
 from megatron_bliss.ops import reference as ref
 
@@ -113,7 +114,7 @@ def validation_gradient(proxy, val_batch, group=None, local: bool = False) -> tu
 def lower_level_objective(proxy, tokens, weights, target_logits, config: BilevelConfig, dp_size: int = 1,
                           inputs_labels=None) -> hvp_mod.Objective:
     """G on a train micro-batch with fixed weights P, as an :class:`hvp.Objective` over the proxy's parameters."""
-    inputs, labels = inputs_labels or ref.split_next_token(tokens)[:2]
+    inputs, labels = inputs_labels or split_next_token(tokens)[:2]
     weights = weights.detach()
 
     def output_loss(logits):
@@ -228,7 +229,7 @@ def score_hypergradient(score_model, proxy, train_batch, val_batch, target_logit
     if compute_residual is None:
         compute_residual = config.residual_interval > 0
     tokens = _unpack_train(train_batch)
-    inputs, labels, _ = ref.split_next_token(tokens)
+    inputs, labels, _ = split_next_token(tokens)
     timings = {}
     global_solve = config.z_reduction == "global"
 

@@ -4,7 +4,7 @@
 
 Batch formats (one stored sequence = one sample = one score):
 - train batch: ``tokens`` ``[b, L]`` int64 stored sequences. The proxy and the target see ``tokens[:, :-1]``; the
-  labels are ``tokens[:, 1:]`` (see :func:`megatron_bliss.ops.reference.split_next_token`); the score model sees all
+  labels are ``tokens[:, 1:]`` (see :func:`megatron_bliss.data.loader.split_next_token`); the score model sees all
   ``L`` tokens.
 - ``target_logits``: ``[b, L-1, V]`` logits of the frozen target on ``tokens[:, :-1]`` (None when γ = 0).
 - validation batch: ``tokens`` ``[b, L]`` plus ``loss_mask`` ``[b, L]`` aligned with the tokens (1 on the
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_bliss import parallel
+from megatron_bliss.data.loader import split_next_token
 from megatron_bliss.models.gpt import gpt_logits
 from megatron_bliss.ops import reference as ref
 
@@ -169,7 +170,7 @@ def lower_level_loss(proxy, score_model, tokens: torch.Tensor, target_logits: to
     if scores is None:
         scores = score_model(tokens)
     weights, own = sequence_weights(scores, normalizer, group)
-    inputs, labels, _ = ref.split_next_token(tokens)
+    inputs, labels, _ = split_next_token(tokens)
     logits = gpt_logits(proxy, inputs)
     lm, ce, kl = weighted_lm_objective(logits, labels, weights, target_logits, gamma, parallel.group_size(group),
                                        tp_group)
@@ -190,10 +191,10 @@ def validation_loss(proxy, tokens: torch.Tensor, loss_mask: torch.Tensor, group=
     """
     group = resolve_group(group)
     if local:
-        inputs, labels, mask = ref.split_next_token(tokens, loss_mask)
+        inputs, labels, mask = split_next_token(tokens, loss_mask)
         loss = ref.token_mean_cross_entropy(gpt_logits(proxy, inputs), labels, mask, tp_group)
         return loss, loss.detach()
-    inputs, labels, mask = ref.split_next_token(tokens, loss_mask)
+    inputs, labels, mask = split_next_token(tokens, loss_mask)
     logits = gpt_logits(proxy, inputs)
     per_token = ref.token_cross_entropy(logits, labels, tp_group)
     mask = mask.to(per_token.dtype)

@@ -75,14 +75,6 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
-def split_next_token(sequences: torch.Tensor, loss_mask: torch.Tensor | None = None):
-    """``(inputs [b, L-1], labels [b, L-1], mask [b, L-1] or None)`` of stored sequences ``[b, L]``."""
-    if loss_mask is not None and loss_mask.shape != sequences.shape:
-        raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} differs from tokens {tuple(sequences.shape)}")
-    mask = None if loss_mask is None else loss_mask[:, 1:]
-    return sequences[:, :-1], sequences[:, 1:], mask
-
-
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None, dim=None) -> torch.Tensor:
     if mask is None:
         return values.mean() if dim is None else values.mean(dim=dim)

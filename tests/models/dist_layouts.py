@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_bliss import parallel
+from megatron_bliss.checkpointing import load_model, save_model
 from megatron_bliss.data.loader import next_token_batch
-from megatron_bliss.models import build_gpt_chunks, get_preset, load_model, save_model
+from megatron_bliss.models import build_gpt_chunks, get_preset
 from megatron_bliss.pretrain.forward_step import lm_forward_step
 
 CFG = get_preset("debug", num_layers=4, seq_length=16)

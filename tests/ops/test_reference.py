@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_bliss.data.loader import split_next_token
 from megatron_bliss.ops import reference as ref
 
 torch.manual_seed(0)
@@ -19,11 +20,11 @@ def _batch(b=3, n=6, v=11, dtype=torch.float64):
 def test_split_next_token():
     seq = torch.arange(10).view(2, 5)
     mask = torch.tensor([[0, 0, 0, 1, 1], [1, 0, 1, 0, 1]])
-    inputs, labels, m = ref.split_next_token(seq, mask)
+    inputs, labels, m = split_next_token(seq, mask)
     assert inputs.tolist() == [[0, 1, 2, 3], [5, 6, 7, 8]] and labels.tolist() == [[1, 2, 3, 4], [6, 7, 8, 9]]
     assert m.tolist() == [[0, 0, 1, 1], [0, 1, 0, 1]]
     with pytest.raises(ValueError, match="loss_mask"):
-        ref.split_next_token(seq, mask[:, :4])
+        split_next_token(seq, mask[:, :4])
 
 
 def test_sequence_cross_entropy_matches_torch():

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT, run_torchrun
-from tests.pretraining.textdata import VOCAB_SIZE, build_text_data
+from tests.pretrain.textdata import VOCAB_SIZE, build_text_data
 
 SEQ = 16  # positions the model sees; stored sequences hold SEQ + 1 byte tokens
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from tests.conftest import REPO_ROOT
-from tests.pretraining.conftest import subprocess_env
+from tests.pretrain.conftest import subprocess_env
 
 
 def test_throughput_bench_cpu_smoke():

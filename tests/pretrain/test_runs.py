@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.pretraining.conftest import common_args, losses, pretrain_cmd, run_pretrain, subprocess_env
+from tests.pretrain.conftest import common_args, losses, pretrain_cmd, run_pretrain, subprocess_env
 
 STEPS = 8
 pytestmark = pytest.mark.dist
