@@ -226,18 +226,3 @@ class PretrainRunConfig:
                              f"branch must write elsewhere so the main run stays untouched")
         if c.load is not None:
             raise ValueError("set either branch.from_checkpoint or checkpoint.load, not both")
-
-
-def load_pretrain_config(path: str | None = None, overrides=(), world_size: int | None = None
-                         ) -> PretrainRunConfig:
-    """Defaults, then the YAML at ``path``, then ``--section.key=value`` overrides; validated.
-
-    Raises:
-        ConfigError naming the file or override and key; ValueError from :meth:`PretrainRunConfig.validate`.
-    """
-    from megatron_bliss.config import load_config
-
-    cfg = load_config(PretrainRunConfig, path, overrides)
-    if world_size is not None:
-        cfg.validate(world_size)
-    return cfg

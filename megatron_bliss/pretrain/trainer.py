@@ -19,7 +19,6 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
 from megatron_bliss import checkpointing as ckpt
@@ -157,8 +156,7 @@ class PretrainTrainer(Stateful):
                 totals[1] += sum(d["lm_tokens"].double() for d in out)
         for chunk in self.model:
             chunk.train()
-        if dist.is_initialized():
-            dist.all_reduce(totals)
+        parallel.all_reduce(totals)
         return float(totals[0] / totals[1].clamp_min(1.0))
 
     def _iterators(self, batches: list):
@@ -169,8 +167,7 @@ class PretrainTrainer(Stateful):
         value = torch.zeros(1, dtype=torch.float64, device=self.device)
         if losses and self.tp_rank == 0:
             value += torch.stack(losses).double().mean() / self.dp_size
-        if dist.is_initialized():
-            dist.all_reduce(value)
+        parallel.all_reduce(value)
         return float(value)
 
     # ---- state and checkpoints ------------------------------------------------------------------------------
