@@ -40,8 +40,10 @@ def _cli(config_path, *overrides, wait=True):
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "megatron_bliss.bilevel", "--config", str(config_path), *overrides]
     for _ in range(3):  # a free port picked for the process group can be taken by another process before binding
+        # its own process group, so that a kill of the group (as a scheduler kills a job step) takes the round's
+        # helper processes with it (megatron-core's checkpoint writer starts a multiprocessing Manager server)
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+                                text=True, start_new_session=True)
         if not wait:
             return proc
         out, _ = proc.communicate(timeout=300)
@@ -74,7 +76,7 @@ def test_cli_round_resumes_after_kill_with_identical_metrics(tmp_path):
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "score").exists()
     _cli(path, f"--paths.output_dir={killed}")

@@ -85,13 +85,16 @@ def test_resume_tp1_checkpoint_under_pp2(reference, text_data, tmp_path):
 def test_kill_during_training_then_resume_matches(reference, text_data, tmp_path):
     run_dir = tmp_path / "run"
     args = common_args(text_data, str(run_dir), STEPS)
+    # its own process group, killed whole as a scheduler kills a job step: the run's helper processes (megatron-core's
+    # checkpoint writer starts a multiprocessing Manager server on the first save) go with it instead of being
+    # orphaned
     proc = subprocess.Popen(pretrain_cmd(args), env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     marker = run_dir / "latest_checkpointed_iteration.txt"
     deadline = time.time() + 180
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = int(marker.read_text())
     assert 2 <= killed_at < STEPS
