@@ -95,7 +95,7 @@ setup(
         "pyarrow>=14",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff==0.17.5"],
         "eval": ["lm-eval>=0.4.13"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
     },

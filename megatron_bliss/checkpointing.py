@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import random
 import shutil
 from collections.abc import Mapping
@@ -294,6 +295,12 @@ def save(path: str, states: Mapping[str, object], metadata: dict | None = None) 
     parallel.barrier()
     sharded = _sharded(states, is_loading=False)
     sharded["common"] = {name: s.state_dict() for name, s in states.items() if not _is_sharded(s)}
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        # saves are synchronous: a plain queue instead of the multiprocessing Manager server megatron-core would
+        # start, which only an exit handler stops, so a SIGKILL of this process would orphan it
+        filesystem_async._results_queue = queue.Queue()
     dist_checkpointing.save(sharded, tmp, content_metadata=DISTOPT_METADATA)
     parallel.barrier()
     if parallel.is_rank0():

@@ -183,8 +183,9 @@ def load_stage_config(cls: type[T], paths_cls: type, path: str | None = None,
     """``(config, paths)`` of a stage: the ``paths`` section (of the file and of ``--paths.key=value``) builds
     ``paths_cls``, everything else builds ``cls``, as :func:`load_config` does."""
     values, extra = _read_yaml(path), parse_overrides(overrides)
-    paths = _load(paths_cls, values.pop("paths", None) or {}, extra.pop("paths", None) or {}, path, "paths")
-    return _load(cls, values, extra, path), paths
+    file_paths, extra_paths = values.pop("paths", None) or {}, extra.pop("paths", None) or {}
+    cfg = _load(cls, values, extra, path)
+    return cfg, _load(paths_cls, file_paths, extra_paths, path, "paths")
 
 
 def _load(cls, values: dict, extra: dict, path: str | None, where: str = ""):

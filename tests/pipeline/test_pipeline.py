@@ -110,7 +110,7 @@ def test_changed_config_is_refused_unless_forced(data_dir, tmp_path):
     Manifest(str(run_dir), "hash-of-another-config")
     proc = _start(data_dir, run_dir, "--run.rounds=1")
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and "was started with another configuration" in out and "--force" in out
+    assert proc.returncode != 0 and "was started with another configuration" in out and "--run.force=true" in out
 
 
 def test_manifest_detects_modified_outputs(tmp_path):

@@ -56,7 +56,7 @@ def test_weights_only_start_resets_everything_else(one_thread, text_data, tmp_pa
     fresh = _trainer(text_data, str(tmp_path / "ft"), 2, **{"checkpoint.load": str(tmp_path / "src"),
                                                              "checkpoint.load_weights_only": True})
     fresh.load()
-    assert fresh.step == 0 and fresh.train_data.sampler.consumed == 0
+    assert fresh.step == 0 and fresh.train_data.source.sampler.consumed == 0
     got = fresh.chunks[0].state_dict()
     assert all(torch.equal(got[k], v) for k, v in weights.items())
     inner = getattr(fresh.optimizer, "chained_optimizers", [fresh.optimizer])

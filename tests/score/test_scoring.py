@@ -8,7 +8,7 @@ import pytest
 from megatron_bliss.data.indexed import IndexedWriter
 from tests.conftest import REPO_ROOT, run_torchrun
 
-SCORE = os.path.join(REPO_ROOT, "megatron_bliss", "score.py")
+SCORE = os.path.join(REPO_ROOT, "megatron_bliss", "score", "__main__.py")
 
 
 @pytest.fixture(scope="module")
