@@ -81,6 +81,7 @@ def main(argv=None) -> int:
 
     from megatron_bliss import parallel
     from megatron_bliss.log import setup_logging
+    from megatron_bliss.pretrain.config import PretrainPaths
     from megatron_bliss.pretrain.data import SyntheticBatches
     from megatron_bliss.pretrain.trainer import PretrainTrainer
 
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     dp_rank, dp_size = parallel.data_parallel_rank_and_size()
     data = SyntheticBatches(cfg.model.vocab_size, cfg.model.seq_length + 1, cfg.train.global_batch_size,
                             cfg.train.micro_batch_size, dp_rank, dp_size, parallel.get_device())
-    trainer = PretrainTrainer(cfg, train_data=data)
+    trainer = PretrainTrainer(cfg, PretrainPaths(), train_data=data)  # synthetic data, nothing saved
     if args.compile:
         compile_layers(trainer)
     rows = []

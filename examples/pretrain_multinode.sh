@@ -2,10 +2,10 @@
 # Target pretraining on several nodes with torchrun's c10d rendezvous. Run this same command on every node:
 #
 #   NNODES=4 MASTER_ADDR=node001 bash examples/pretrain_multinode.sh examples/configs/pythia_2.8b.yaml \
-#       --checkpoint.save_dir=/shared/runs/pythia_2.8b
+#       --paths.save_dir=/shared/runs/pythia_2.8b
 #
 # MASTER_ADDR is any one of the nodes (reachable from all); RDZV_ID names the job (same on all nodes).
-# checkpoint.save_dir and the data prefixes must be on a filesystem that every node sees.
+# paths.save_dir and the data prefixes must be on a filesystem that every node sees.
 # A node that dies takes the job down; relaunching the same command on all nodes resumes from the latest checkpoint.
 set -euo pipefail
 CONFIG=${1:?usage: $0 CONFIG.yaml [--section.key=value ...]}

@@ -5,7 +5,7 @@
 #   NPROC=2 bash examples/pretrain_single_node.sh examples/configs/tiny_target.yaml    # CPU, 2 gloo processes
 #
 # Same as: torchrun --standalone --nproc-per-node 8 -m megatron_bliss.pretrain --config CONFIG [overrides]
-# Rerunning the same command resumes from the latest checkpoint of checkpoint.save_dir.
+# Rerunning the same command resumes from the latest checkpoint of paths.save_dir.
 set -euo pipefail
 CONFIG=${1:?usage: $0 CONFIG.yaml [--section.key=value ...]}
 shift

@@ -133,7 +133,7 @@ done_step
 # TINY STAGE: the one block to update when the stages' command lines change.
 # Data preparation uses the checkout's tools with .venv (tools put the checkout on sys.path, so they cannot test the
 # wheel); the run itself uses only the wheel's venv. Written for the pretrain CLI of examples/configs/tiny_target.yaml
-# (file paths under data.*, e.g. --data.train_prefixes) and tools/preprocess_c4.py --tokens-per-sequence.
+# (file paths under paths.*, e.g. --paths.train_prefixes) and tools/preprocess_c4.py --tokens-per-sequence.
 tiny_stage() {  # tiny_stage PYTHON DIR: 4 steps of the tiny target on the embedded sample, checkpoints at 2 and 4
   local python="$1" dir="$2" tokenizer="$repo/megatron_bliss/data/assets/default_bpe_8k.model"
   logged tiny_data "$host_py" "$repo/tools/preprocess_c4.py" --input "$repo/tests/assets/c4_sample" \
@@ -142,9 +142,9 @@ tiny_stage() {  # tiny_stage PYTHON DIR: 4 steps of the tiny target on the embed
   logged tiny_valid "$host_py" "$repo/tools/prepare_validation.py" --input "$repo/tests/assets/lambada_sample.jsonl" \
     --output-prefix "$dir/data/lambada" --tokenizer-model "$tokenizer"
   logged tiny_pretrain in_venv "$python" -m megatron_bliss.pretrain --config "$repo/examples/configs/tiny_target.yaml" \
-    --data.train_prefixes="[$dir/data/c4]" --data.valid_prefix="$dir/data/lambada" \
+    --paths.train_prefixes="[$dir/data/c4]" --paths.valid_prefix="$dir/data/lambada" \
     --train.train_steps=4 --train.micro_batch_size=4 --train.global_batch_size=8 --train.eval_interval=2 \
-    --schedule.warmup_steps=1 --checkpoint.save_dir="$dir/run" --checkpoint.save_interval=2 \
+    --schedule.warmup_steps=1 --paths.save_dir="$dir/run" --checkpoint.save_interval=2 \
     --logging.log_interval=1 --logging.progress_bar=false
   # what it must leave: 4 metric records, the last with a validation loss, and the step-4 checkpoint
   in_venv "$python" - "$dir/run" <<'EOF'

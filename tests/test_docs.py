@@ -44,6 +44,8 @@ ROOT_CONFIGS = (
 STAGE_SECTIONS = (
     ("paths", "megatron_bliss.bilevel.config:BilevelPaths"),
     ("paths", "megatron_bliss.score.config:ScorePaths"),
+    ("paths", "megatron_bliss.pretrain.config:PretrainPaths"),
+    ("paths", "megatron_bliss.eval.run:EvalPaths"),
 )
 """Sections a stage loads beside its root (``parse_cli(..., paths_cls=...)``): the files the stage reads and writes."""
 
@@ -404,7 +406,7 @@ Run `python tools/no_such_tool.py --input data/c4/part.json.gz` or
 `tests/assets/c4_sample/*.json.gz`, `tests/assets/c4_sample/c4-train.0000{0,1}-of-00002.json.gz`, `tests/nothing/*.gz`.
 
 ```bash
-python -m megatron_bliss.no_such_stage --run.method=random --checkpoint.save_dir=/shared/runs/a
+python -m megatron_bliss.no_such_stage --run.method=random --paths.save_dir=/shared/runs/a
 megatron-bliss nope --config c4/en/x.yaml
 megatron-bliss pretrain --config tok/x.yaml
 ```

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from megatron_bliss.config import load_config
+from megatron_bliss.config import load_config, load_stage_config
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "examples", "configs", "*.yaml")))
@@ -18,23 +18,20 @@ def _config_class(path):
 
         return PipelineRunConfig
     if name.startswith(("pythia_", "tiny_target")):
-        from megatron_bliss.pretrain.config import PretrainRunConfig
+        from megatron_bliss.pretrain.config import PretrainPaths, PretrainRunConfig
 
-        return PretrainRunConfig
-    if name.startswith("bilevel"):
-        from megatron_bliss.bilevel.config import BilevelRunConfig
-
-        return BilevelRunConfig
-    if name.startswith("score"):
-        from megatron_bliss.score.config import ScoreRunConfig
-
-        return ScoreRunConfig
+        return PretrainRunConfig, PretrainPaths
     raise AssertionError(f"no entry point known for example config {name}")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
 def test_example_config_loads(path):
-    cfg = load_config(_config_class(path), path)
+    cls = _config_class(path)
+    if isinstance(cls, tuple):  # a stage config with its paths section
+        cfg, paths = load_stage_config(*cls, path)
+        assert paths.train_prefixes and paths.save_dir
+    else:
+        cfg = load_config(cls, path)
     assert cfg is not None
 
 

@@ -1,7 +1,7 @@
 """``python -m megatron_bliss.eval --config FILE [--key=value ...]``: the BLISS zero-shot suite on a target checkpoint.
 
-    python -m megatron_bliss.eval --checkpoint=runs/bliss_410m/round4/eval --tokenizer=data/tok32k.model \\
-        --output_dir=results/bliss_410m_round4
+    python -m megatron_bliss.eval --paths.checkpoint=runs/bliss_410m/round4/eval \\
+        --paths.tokenizer=data/tok32k.model --paths.output_dir=results/bliss_410m_round4
 
 See :mod:`megatron_bliss.eval.run` for what it writes.
 """
@@ -12,7 +12,7 @@ import os
 import warnings
 from collections.abc import Sequence
 
-from megatron_bliss.eval.run import EvalConfig, run_eval
+from megatron_bliss.eval.run import EvalConfig, EvalPaths, run_eval
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,13 +20,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_bliss.config import parse_cli
     from megatron_bliss.log import setup_logging
 
-    cfg = parse_cli(EvalConfig, argv, "Evaluate a target checkpoint with lm-evaluation-harness.",
-                    prog="megatron-bliss eval")
+    cfg, paths = parse_cli(EvalConfig, argv, "Evaluate a target checkpoint with lm-evaluation-harness.",
+                           prog="megatron-bliss eval", paths_cls=EvalPaths)
     setup_logging()
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
     if cfg.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initializes CUDA
-    run_eval(cfg)
+    run_eval(cfg, paths)
     from megatron_bliss import parallel
 
     parallel.destroy()

@@ -26,15 +26,25 @@ BLISS_TASKS = ("sciq", "arc_easy", "arc_challenge", "logiqa", "openbookqa", "boo
 
 
 @dataclass
-class EvalConfig:
-    """One evaluation of one target checkpoint."""
+class EvalPaths:
+    """The files an evaluation reads and writes (the ``paths`` section)."""
 
     checkpoint: str = ""
     """Target checkpoint: an ``iter_*`` directory or a save_dir (its latest), e.g. a round's ``eval`` branch."""
-    model: ModelConfig | None = None
-    """Target shape; unset uses the config saved in the checkpoint."""
     tokenizer: str = DEFAULT_TOKENIZER
     """The tokenizer the target was trained with (SentencePiece ``.model`` or ``tokenizer.json``)."""
+    output_dir: str = ""
+    """Where results.json, results.md and config.yaml go (not inside a pipeline run's checkpoint directories)."""
+    include_path: str | None = None
+    """Directory of extra task YAMLs (local datasets, or stock tasks pointed at local files)."""
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation of one target checkpoint."""
+
+    model: ModelConfig | None = None
+    """Target shape; unset uses the config saved in the checkpoint."""
     tasks: list[str] = field(default_factory=lambda: list(BLISS_TASKS))
     """lm-evaluation-harness task names (default: the nine BLISS tasks)."""
     num_fewshot: int = 0
@@ -43,10 +53,6 @@ class EvalConfig:
     """Sequences per forward when scoring."""
     limit: float | None = None
     """Examples per task (a fraction when below 1); for smoke tests only, the scores are then not comparable."""
-    output_dir: str = ""
-    """Where results.json, results.md and config.yaml go (not inside a pipeline run's checkpoint directories)."""
-    include_path: str | None = None
-    """Directory of extra task YAMLs (local datasets, or stock tasks pointed at local files)."""
     device: str = "auto"
     """auto | cpu | cuda; cpu hides the GPUs from this process."""
     precision: str = "auto"
@@ -64,10 +70,6 @@ class EvalConfig:
         if self.batch_size < 1 or self.num_fewshot < 0 or not self.tasks:
             raise ValueError("batch_size must be >= 1, num_fewshot >= 0, and tasks not empty")
 
-    def validate(self) -> None:
-        """An evaluation needs a checkpoint and an output directory; a download needs neither."""
-        if not self.download_only and not (self.checkpoint and self.output_dir):
-            raise ValueError("set checkpoint and output_dir (or download_only=true)")
 
 
 def summarize(results: dict, tasks: Sequence[str]) -> dict:
@@ -121,9 +123,11 @@ def _dataset_errors():
                          "or point the task at local files with include_path; see docs/eval.md.") from None
 
 
-def run_eval(cfg: EvalConfig) -> dict | None:
-    """Evaluates ``cfg.checkpoint`` on ``cfg.tasks`` and writes the results; returns the summary (None when
+def run_eval(cfg: EvalConfig, paths: EvalPaths) -> dict | None:
+    """Evaluates ``paths.checkpoint`` on ``cfg.tasks`` and writes the results; returns the summary (None when
     ``download_only``)."""
+    if not cfg.download_only and not (paths.checkpoint and paths.output_dir):
+        raise ValueError("set paths.checkpoint and paths.output_dir (or download_only=true)")
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager, get_task_dict
@@ -133,27 +137,27 @@ def run_eval(cfg: EvalConfig) -> dict | None:
     from megatron_bliss.config import dump, to_dict
     from megatron_bliss.eval.lm_eval import MegatronBlissLM, load_target
 
-    task_manager = TaskManager(include_path=cfg.include_path)
+    task_manager = TaskManager(include_path=paths.include_path)
     if cfg.download_only:
         with _dataset_errors():
             get_task_dict(list(cfg.tasks), task_manager)
         logger.info("datasets of %s are in the Hugging Face cache", ", ".join(cfg.tasks))
         return None
     model, tokenizer, model_cfg, autocast_dtype = load_target(
-        cfg.checkpoint, cfg.model, tokenizer_path=cfg.tokenizer, device=cfg.device, precision=cfg.precision)
+        paths.checkpoint, cfg.model, tokenizer_path=paths.tokenizer, device=cfg.device, precision=cfg.precision)
     lm = MegatronBlissLM(model, tokenizer, model_cfg.seq_length, cfg.batch_size, add_eod_prefix=cfg.add_eod_prefix,
                          vocab_size=model_cfg.vocab_size, autocast_dtype=autocast_dtype)
     with _dataset_errors():
         out = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
                                       limit=cfg.limit, task_manager=task_manager, log_samples=False)
     summary = summarize(out["results"], cfg.tasks)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    dump(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-    record = {"summary": summary, "checkpoint": os.path.abspath(resolve(cfg.checkpoint)),
+    os.makedirs(paths.output_dir, exist_ok=True)
+    dump(cfg, os.path.join(paths.output_dir, "config.yaml"), paths=paths)
+    record = {"summary": summary, "checkpoint": os.path.abspath(resolve(paths.checkpoint)),
               "model": to_dict(model_cfg),
               "tokenizer": tokenizer.path, "lm_eval_version": getattr(lm_eval, "__version__", None),
               **{k: v for k, v in out.items() if k != "samples"}}
-    _write_atomic(os.path.join(cfg.output_dir, "results.json"), json.dumps(record, indent=1, default=str))
-    _write_atomic(os.path.join(cfg.output_dir, "results.md"), markdown_table(summary, out.get("n-samples")))
-    logger.info("mean %s over %d tasks; %s/results.md", summary["mean"], summary["num_tasks"], cfg.output_dir)
+    _write_atomic(os.path.join(paths.output_dir, "results.json"), json.dumps(record, indent=1, default=str))
+    _write_atomic(os.path.join(paths.output_dir, "results.md"), markdown_table(summary, out.get("n-samples")))
+    logger.info("mean %s over %d tasks; %s/results.md", summary["mean"], summary["num_tasks"], paths.output_dir)
     return summary

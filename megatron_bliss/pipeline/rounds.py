@@ -35,46 +35,42 @@ def _round_dir(cfg: PipelineRunConfig, r: int) -> str:
     return os.path.join(cfg.run.run_dir, f"round{r}")
 
 
-def _target_config(cfg: PipelineRunConfig, *, model: ModelConfig, prefixes, save_dir: str, total_steps: int,
-                   lr_multiplier: float = 1.0, load: str | None = None, branch_from: str | None = None,
-                   proxy: bool = False):
-    """A pretraining config for one target (or proxy warm-up) phase."""
+def _target_phase(cfg: PipelineRunConfig, *, model: ModelConfig, prefixes, save_dir: str, total_steps: int,
+                  lr_multiplier: float = 1.0, load: str | None = None, branch_from: str | None = None,
+                  proxy: bool = False) -> dict:
+    """Runs one target (or proxy warm-up) pretraining phase; returns its last metrics."""
     from megatron_bliss.pretrain.config import (
         BranchConfig,
         CheckpointConfig,
         LoggingConfig,
+        PretrainPaths,
         PretrainRunConfig,
     )
     from megatron_bliss.pretrain.data import PretrainDataConfig
+    from megatron_bliss.pretrain.trainer import run_pretrain
 
     train = cfg.proxy_train if proxy else cfg.train
     branch = BranchConfig()
     if branch_from is not None:
-        branch = BranchConfig(from_checkpoint=branch_from, steps=cfg.steps.eval_branch_steps,
-                              half_life=cfg.steps.eval_branch_half_life)
+        branch = BranchConfig(steps=cfg.steps.eval_branch_steps, half_life=cfg.steps.eval_branch_half_life)
         train = dataclasses.replace(train, eval_interval=cfg.steps.eval_branch_steps)
     else:
         train = dataclasses.replace(train, train_steps=total_steps)
-    return PretrainRunConfig(
+    run = PretrainRunConfig(
         model=model,
         parallel=dataclasses.replace(cfg.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                      virtual_pipeline_model_parallel_size=None) if proxy else cfg.parallel,
-        data=PretrainDataConfig(train_prefixes=list(prefixes), valid_prefix=cfg.data.valid_prefix,
-                                seed=cfg.parallel.seed),
+        data=PretrainDataConfig(seed=cfg.parallel.seed),
         train=train,
         optim=cfg.proxy_optim if proxy else cfg.optim,
         schedule=dataclasses.replace(cfg.schedule, lr_multiplier=lr_multiplier),
-        checkpoint=CheckpointConfig(save_dir=save_dir, load=load, keep_last=1,
-                                    save_interval=None if branch_from else cfg.run.save_interval),
+        checkpoint=CheckpointConfig(keep_last=1, save_interval=None if branch_from else cfg.run.save_interval),
         branch=branch,
-        logging=LoggingConfig(run_dir=save_dir, progress_bar=False),
+        logging=LoggingConfig(progress_bar=False),
     )
-
-
-def _train(pcfg) -> dict:
-    from megatron_bliss.pretrain.trainer import PretrainTrainer
-
-    return PretrainTrainer(pcfg).train()
+    paths = PretrainPaths(train_prefixes=list(prefixes), valid_prefix=cfg.data.valid_prefix, save_dir=save_dir,
+                          load=load, branch_from=branch_from)
+    return run_pretrain(run, paths)
 
 
 def _lm_flops(model: ModelConfig, steps: int, train_cfg) -> float:
@@ -153,15 +149,15 @@ class BlissPipeline:
 
     def warmup_target(self) -> dict:
         c, p = self.cfg, self._paths(0)
-        metrics = _train(_target_config(c, model=c.target, prefixes=[p["subset"]], save_dir=p["target"],
-                                        total_steps=c.steps.target_warmup_steps))
+        metrics = _target_phase(c, model=c.target, prefixes=[p["subset"]], save_dir=p["target"],
+                                total_steps=c.steps.target_warmup_steps)
         return {"kind": "pretrain", "steps": c.steps.target_warmup_steps, "metrics": metrics,
                 "flops": _lm_flops(c.target, c.steps.target_warmup_steps, c.train)}
 
     def warmup_proxy(self) -> dict:
         c, p = self.cfg, self._paths(0)
-        metrics = _train(_target_config(c, model=c.proxy, prefixes=[p["subset"]], save_dir=p["proxy"],
-                                        total_steps=c.steps.proxy_warmup_steps, proxy=True))
+        metrics = _target_phase(c, model=c.proxy, prefixes=[p["subset"]], save_dir=p["proxy"],
+                                total_steps=c.steps.proxy_warmup_steps, proxy=True)
         return {"kind": "selection", "steps": c.steps.proxy_warmup_steps, "metrics": metrics,
                 "flops": _lm_flops(c.proxy, c.steps.proxy_warmup_steps, c.proxy_train)}
 
@@ -215,17 +211,17 @@ class BlissPipeline:
     def round_target(self, r: int) -> dict:
         c, p = self.cfg, self._paths(r)
         total = c.steps.target_warmup_steps + r * c.steps.target_round_steps
-        metrics = _train(_target_config(c, model=c.target, prefixes=[p["subset"]], save_dir=p["target"],
-                                        total_steps=total, lr_multiplier=c.steps.round_lr_factor ** r,
-                                        load=self._paths(r - 1)["target"]))
+        metrics = _target_phase(c, model=c.target, prefixes=[p["subset"]], save_dir=p["target"],
+                                total_steps=total, lr_multiplier=c.steps.round_lr_factor ** r,
+                                load=self._paths(r - 1)["target"])
         return {"kind": "pretrain", "steps": c.steps.target_round_steps, "metrics": metrics,
                 "flops": _lm_flops(c.target, c.steps.target_round_steps, c.train)}
 
     def eval_branch(self, r: int) -> dict:
         c, p = self.cfg, self._paths(r)
         prefixes = [p["subset"]]
-        metrics = _train(_target_config(c, model=c.target, prefixes=prefixes, save_dir=p["eval"], total_steps=0,
-                                        lr_multiplier=c.steps.round_lr_factor ** r, branch_from=p["target"]))
+        metrics = _target_phase(c, model=c.target, prefixes=prefixes, save_dir=p["eval"], total_steps=0,
+                                lr_multiplier=c.steps.round_lr_factor ** r, branch_from=p["target"])
         return {"kind": "eval", "steps": c.steps.eval_branch_steps, "val_loss": metrics.get("val_loss"),
                 "flops": _lm_flops(c.target, c.steps.eval_branch_steps, c.train)}
 

@@ -18,14 +18,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_bliss import parallel
     from megatron_bliss.config import parse_cli
     from megatron_bliss.log import setup_logging
-    from megatron_bliss.pretrain.config import PretrainRunConfig
+    from megatron_bliss.pretrain.config import PretrainPaths, PretrainRunConfig
 
-    cfg = parse_cli(PretrainRunConfig, argv, __doc__.split("\n\n")[0], prog="megatron-bliss pretrain")
+    cfg, paths = parse_cli(PretrainRunConfig, argv, __doc__.split("\n\n")[0], prog="megatron-bliss pretrain",
+                           paths_cls=PretrainPaths)
     setup_logging(cfg.logging.level)
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
-    from megatron_bliss.pretrain.trainer import PretrainTrainer
+    from megatron_bliss.pretrain.trainer import run_pretrain
 
-    PretrainTrainer(cfg).train()
+    run_pretrain(cfg, paths)
     parallel.destroy()
     return 0
 

@@ -2,9 +2,11 @@
 
 Sections (each a YAML mapping and a ``--section.key=value`` prefix): ``model`` (:class:`ModelConfig`, ``preset:``
 fills the shape), ``parallel`` (:class:`ParallelConfig`), ``data`` (:class:`PretrainDataConfig`), ``train``,
-``optim``, ``schedule`` (:class:`ScheduleConfig`), ``checkpoint``, ``branch`` and ``logging``. Checks within one
-section run in its ``__post_init__``; checks across sections (heads vs tensor-parallel size, batch sizes vs
-data-parallel size, stored sequence length vs model) run in :meth:`PretrainRunConfig.validate`.
+``optim``, ``schedule`` (:class:`ScheduleConfig`), ``checkpoint``, ``branch`` and ``logging``; the files a run
+reads and writes are the separate ``paths`` section (:class:`PretrainPaths`). Checks within one section run in its
+``__post_init__``; checks across sections (heads vs tensor-parallel size, batch sizes vs data-parallel size) run in
+:meth:`PretrainRunConfig.validate`, and those that need the files (stored sequence length vs model, an evaluation
+branch writing elsewhere) in :meth:`PretrainPaths.check`.
 """
 
 from __future__ import annotations
@@ -85,17 +87,12 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Where checkpoints go, how often, and what a new run starts from."""
+    """How often checkpoints are saved, how many are kept, and what a new run takes from ``paths.load``."""
 
-    save_dir: str | None = None
-    """Directory of ``iter_NNNNNNN`` checkpoints and ``latest_checkpointed_iteration.txt``; a run whose save_dir
-    has a latest marker resumes from it. None saves nothing."""
     save_interval: int | None = 1000
     """Save every this many steps (and at the end); None saves only at the end."""
-    load: str | None = None
-    """Checkpoint directory (or a save_dir, meaning its latest) to start from when save_dir has none yet."""
     load_weights_only: bool = False
-    """Take only the weights from ``load`` (any layout): fresh optimizer, schedule, data position, step 0."""
+    """Take only the weights from ``paths.load`` (any layout): fresh optimizer, schedule, data position, step 0."""
     keep_last: int | None = None
     """Keep only the newest this many checkpoints; None keeps all."""
     save_initial: bool = False
@@ -111,10 +108,9 @@ class CheckpointConfig:
 
 @dataclass
 class BranchConfig:
-    """Evaluation branch: fork a checkpoint, train a few more steps with exponential decay, save elsewhere."""
+    """Evaluation branch (on when ``paths.branch_from`` is set): fork a checkpoint, train a few more steps with
+    exponential decay, save elsewhere."""
 
-    from_checkpoint: str | None = None
-    """Checkpoint (or save_dir, meaning its latest) of the main run to fork; None means no branch. It is only read."""
     steps: int = 200
     """Steps the branch trains after the fork."""
     half_life: float = 200.0
@@ -131,8 +127,6 @@ class BranchConfig:
 class LoggingConfig:
     """Metrics, TensorBoard, progress bar and the peak FLOP/s used for MFU."""
 
-    run_dir: str | None = None
-    """Where metrics.jsonl, tensorboard/ and config.yaml go; None uses checkpoint.save_dir."""
     log_interval: int = 1
     """Write metrics every this many steps."""
     tensorboard: bool = True
@@ -148,6 +142,57 @@ class LoggingConfig:
     def __post_init__(self):
         if self.log_interval < 1:
             raise ValueError(f"logging.log_interval must be >= 1, got {self.log_interval}")
+
+
+@dataclass
+class PretrainPaths:
+    """The files a pretraining run reads and writes (the ``paths`` section; the pipeline sets them per phase)."""
+
+    train_prefixes: list[str] = field(default_factory=list)
+    """Sequences-mode indexed-dataset prefixes (``PREFIX.bin/.idx``) to train on (blended by data.train_weights)."""
+    valid_prefix: str | None = None
+    """Validation prefix (``tools/prepare_validation.py`` output: loss on the target spans only; any other
+    indexed dataset: loss on every token)."""
+    save_dir: str | None = None
+    """Directory of ``iter_NNNNNNN`` checkpoints and ``latest_checkpointed_iteration.txt``; a run whose save_dir
+    has a latest marker resumes from it. None saves nothing."""
+    load: str | None = None
+    """Checkpoint directory (or a save_dir, meaning its latest) to start from when save_dir has none yet."""
+    branch_from: str | None = None
+    """Evaluation branch: the main run's checkpoint (or save_dir, meaning its latest) to fork; only read."""
+    run_dir: str | None = None
+    """Where metrics.jsonl, tensorboard/ and config.yaml go; None uses save_dir."""
+
+    def __post_init__(self):
+        if isinstance(self.train_prefixes, str):
+            self.train_prefixes = [self.train_prefixes]
+
+    def metrics_dir(self) -> str | None:
+        """Directory for metrics and the resolved config."""
+        return self.run_dir or self.save_dir
+
+    def check(self, cfg: PretrainRunConfig) -> None:
+        """Checks against the run's config, before any model is built; raises ValueError naming the settings."""
+        from megatron_bliss.data.indexed import exists
+        from megatron_bliss.pretrain.data import open_sequences
+
+        weights = cfg.data.train_weights
+        if weights is not None and len(weights) != len(self.train_prefixes):
+            raise ValueError(f"data.train_weights has {len(weights)} entries but paths.train_prefixes has "
+                             f"{len(self.train_prefixes)}")
+        for prefix in self.train_prefixes:
+            if exists(prefix):  # missing files are reported when the run opens them
+                open_sequences(prefix, cfg.model.seq_length + 1)
+        if self.branch_from is None:
+            return
+        if self.save_dir is None:
+            raise ValueError("paths.branch_from needs paths.save_dir (the branch's own directory)")
+        source, target = os.path.realpath(self.branch_from), os.path.realpath(self.save_dir)
+        if target in (source, os.path.dirname(source)) or source.startswith(target + os.sep):
+            raise ValueError(f"paths.save_dir ({self.save_dir}) is the main run's directory: an evaluation "
+                             f"branch must write elsewhere so the main run stays untouched")
+        if self.load is not None:
+            raise ValueError("set either paths.branch_from or paths.load, not both")
 
 
 @dataclass
@@ -169,13 +214,9 @@ class PretrainRunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Saving and loading."""
     branch: BranchConfig = field(default_factory=BranchConfig)
-    """Evaluation branch (off unless branch.from_checkpoint is set)."""
+    """Evaluation branch settings (the branch is on when paths.branch_from is set)."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and progress output."""
-
-    def run_dir(self) -> str | None:
-        """Directory for metrics and the resolved config."""
-        return self.logging.run_dir or self.checkpoint.save_dir
 
     def validate(self, world_size: int | None = None) -> None:
         """Cross-section checks; raises ValueError naming the settings.
@@ -201,28 +242,3 @@ class PretrainRunConfig:
         o = self.optim
         if o.use_distributed_optimizer and o.overlap_param_gather and p.pipeline_model_parallel_size > 1:
             raise ValueError("optim.overlap_param_gather is not supported with pipeline parallelism here")
-        self._check_data_lengths()
-        self._check_branch()
-
-    def _check_data_lengths(self) -> None:
-        from megatron_bliss.data.indexed import exists
-        from megatron_bliss.pretrain.data import open_sequences
-
-        sample_length = self.model.seq_length + 1
-        for prefix in self.data.train_prefixes:
-            if exists(prefix):  # missing files are reported when the run opens them
-                open_sequences(prefix, sample_length)
-
-    def _check_branch(self) -> None:
-        b, c = self.branch, self.checkpoint
-        if b.from_checkpoint is None:
-            return
-        if c.save_dir is None:
-            raise ValueError("branch.from_checkpoint needs checkpoint.save_dir (the branch's own directory)")
-        source = os.path.realpath(b.from_checkpoint)
-        target = os.path.realpath(c.save_dir)
-        if target in (source, os.path.dirname(source)) or source.startswith(target + os.sep):
-            raise ValueError(f"checkpoint.save_dir ({c.save_dir}) is the main run's directory: an evaluation "
-                             f"branch must write elsewhere so the main run stays untouched")
-        if c.load is not None:
-            raise ValueError("set either branch.from_checkpoint or checkpoint.load, not both")

@@ -15,7 +15,7 @@ independent of tensor/pipeline sizes, so every layout sees the same global batch
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,27 +27,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PretrainDataConfig:
-    """Which indexed datasets the target trains and validates on, and how they are sampled."""
+    """How the training datasets (``paths.train_prefixes``) are blended and sampled."""
 
-    train_prefixes: list[str] = field(default_factory=list)
-    """Sequences-mode indexed-dataset prefixes (``PREFIX.bin/.idx``) to train on."""
     train_weights: list[float] | None = None
-    """Blend weights, one per prefix (normalized); None weighs each prefix by its number of sequences."""
-    valid_prefix: str | None = None
-    """Validation prefix (``tools/prepare_validation.py`` output: loss on the target spans only; any other
-    indexed dataset: loss on every token)."""
+    """Blend weights, one per training prefix (normalized); None weighs each prefix by its number of sequences."""
     seed: int = 1234
     """Sampling seed (blend order and per-epoch permutations)."""
 
     def __post_init__(self):
-        if isinstance(self.train_prefixes, str):
-            self.train_prefixes = [self.train_prefixes]
-        if self.train_weights is not None:
-            if len(self.train_weights) != len(self.train_prefixes):
-                raise ValueError(f"data.train_weights has {len(self.train_weights)} entries but data.train_prefixes "
-                                 f"has {len(self.train_prefixes)}")
-            if any(w < 0 for w in self.train_weights) or sum(self.train_weights) <= 0:
-                raise ValueError(f"data.train_weights must be >= 0 with a positive sum, got {self.train_weights}")
+        if self.train_weights is not None and (any(w < 0 for w in self.train_weights)
+                                               or sum(self.train_weights) <= 0):
+            raise ValueError(f"data.train_weights must be >= 0 with a positive sum, got {self.train_weights}")
 
 
 def open_sequences(prefix: str, sample_length: int | None = None) -> np.ndarray:
@@ -67,7 +57,7 @@ def open_sequences(prefix: str, sample_length: int | None = None) -> np.ndarray:
         raise ValueError(
             f"{prefix}: stored sequences have {length} tokens, but model.seq_length={sample_length - 1} needs "
             f"{sample_length} (inputs and labels are the sequence shifted by one): preprocess with "
-            f"--seq-length {sample_length} or set model.seq_length={length - 1}")
+            f"--tokens-per-sequence {sample_length} or set model.seq_length={length - 1}")
     return sequences
 
 
@@ -88,7 +78,7 @@ class TrainBatches:
                  global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                  device: torch.device | None = None):
         if not prefixes:
-            raise ValueError("data.train_prefixes is empty: give at least one indexed-dataset prefix")
+            raise ValueError("paths.train_prefixes is empty: give at least one indexed-dataset prefix")
         self.prefixes = list(prefixes)
         self.datasets = [open_sequences(p, sample_length) for p in prefixes]
         self.micro_batch_size, self.device = micro_batch_size, device or torch.device("cpu")

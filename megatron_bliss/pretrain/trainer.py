@@ -6,9 +6,9 @@ One step = one global batch: this rank's micro-batches go through ``get_forward_
 The trainer is ``Stateful``: step, schedule and sampler position go into every checkpoint, with the weights,
 the optimizer and all ranks' RNG states, so a resumed run repeats the uninterrupted run's losses.
 
-Starting point, in order of precedence: the latest checkpoint of ``checkpoint.save_dir`` (resume); the main run's
-checkpoint named by ``branch.from_checkpoint`` (evaluation branch: decays from the fork for ``branch.steps`` into its
-own directory, reading the main run's files only); ``checkpoint.load`` (full state, or weights only under any layout).
+Starting point, in order of precedence: the latest checkpoint of ``paths.save_dir`` (resume); the main run's
+checkpoint named by ``paths.branch_from`` (evaluation branch: decays from the fork for ``branch.steps`` into its own
+directory, reading the main run's files only); ``paths.load`` (full state, or weights only under any layout).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from megatron_bliss.config import config_hash, dump
 from megatron_bliss.log import MetricsWriter
 from megatron_bliss.models.presets import model_flops_per_token
 from megatron_bliss.pretrain.build import build_model_and_optimizer
-from megatron_bliss.pretrain.config import PretrainRunConfig
+from megatron_bliss.pretrain.config import PretrainPaths, PretrainRunConfig
 from megatron_bliss.pretrain.data import TrainBatches, ValidationBatches
 from megatron_bliss.pretrain.forward_step import lm_eval_forward_step, lm_forward_step
 from megatron_bliss.pretrain.schedule import WSDSchedule
@@ -41,18 +41,20 @@ class PretrainTrainer(Stateful):
 
     Args:
         cfg: the run configuration (validated again against the actual world size).
+        paths: the files the run reads and writes.
         train_data: source of micro-batches with ``next_batches()``/``state_dict()``; default: the indexed datasets
-            of ``cfg.data`` (benchmarks pass synthetic batches).
-        valid_data: iterable of per-step micro-batch lists; default: ``cfg.data.valid_prefix`` when set.
+            ``paths.train_prefixes`` (benchmarks pass synthetic batches).
+        valid_data: iterable of per-step micro-batch lists; default: ``paths.valid_prefix`` when set.
     """
 
-    def __init__(self, cfg: PretrainRunConfig, train_data=None, valid_data=None):
+    def __init__(self, cfg: PretrainRunConfig, paths: PretrainPaths, train_data=None, valid_data=None):
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        self.cfg = cfg
+        self.cfg, self.paths = cfg, paths
         parallel.initialize(cfg.parallel)
         cfg.validate(parallel.world_size())
+        paths.check(cfg)
         t = cfg.train
         self.device = parallel.get_device()
         dp_rank, dp_size = parallel.data_parallel_rank_and_size()
@@ -64,10 +66,10 @@ class PretrainTrainer(Stateful):
         self.schedule = WSDSchedule(cfg.schedule, cfg.optim.lr)
         sample_length = cfg.model.seq_length + 1
         self.train_data = train_data or TrainBatches(
-            cfg.data.train_prefixes, cfg.data.train_weights, cfg.data.seed, sample_length, t.global_batch_size,
+            paths.train_prefixes, cfg.data.train_weights, cfg.data.seed, sample_length, t.global_batch_size,
             t.micro_batch_size, dp_rank, dp_size, self.device)
-        if valid_data is None and cfg.data.valid_prefix and t.eval_interval:
-            valid_data = ValidationBatches(cfg.data.valid_prefix, sample_length, t.global_batch_size,
+        if valid_data is None and paths.valid_prefix and t.eval_interval:
+            valid_data = ValidationBatches(paths.valid_prefix, sample_length, t.global_batch_size,
                                            t.micro_batch_size, dp_rank, dp_size, self.device, t.eval_batches)
         self.valid_data = valid_data
         self.forward_backward = get_forward_backward_func()
@@ -76,7 +78,7 @@ class PretrainTrainer(Stateful):
         self.branch_end: int | None = None
         self.flops_per_token = model_flops_per_token(cfg.model)
         self.peak_flops = cfg.logging.peak_flops or detect_peak_flops()
-        self.checkpoints = ckpt.CheckpointManager(cfg.checkpoint.save_dir, cfg.checkpoint.keep_last)
+        self.checkpoints = ckpt.CheckpointManager(paths.save_dir, cfg.checkpoint.keep_last)
         self.model_state = ckpt.ModelState(self.chunks, cfg.model, "target")
         self._saved_step: int | None = None
 
@@ -87,14 +89,14 @@ class PretrainTrainer(Stateful):
         from tqdm import tqdm
 
         self.load()
-        cfg, run_dir = self.cfg, self.cfg.run_dir()
+        cfg, run_dir = self.cfg, self.paths.metrics_dir()
         if run_dir and parallel.is_rank0():
-            dump(cfg, os.path.join(run_dir, "config.yaml"))
+            dump(cfg, os.path.join(run_dir, "config.yaml"), paths=self.paths)
         writer = MetricsWriter(run_dir, purge_step=self.step, tensorboard=cfg.logging.tensorboard) if run_dir else None
         bar = tqdm(total=self.train_steps, initial=self.step, desc="pretrain", dynamic_ncols=True,
                    disable=not (parallel.is_rank0() and cfg.logging.progress_bar))
         metrics: dict = {}
-        if cfg.checkpoint.save_dir and cfg.checkpoint.save_initial and self.step == 0:
+        if self.paths.save_dir and cfg.checkpoint.save_initial and self.step == 0:
             # weights only and no latest marker: a starting point for other runs (checkpoint.load_weights_only)
             self.checkpoints.save(0, {"model": self.model_state}, mark_latest=False)
         try:
@@ -110,7 +112,7 @@ class PretrainTrainer(Stateful):
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", refresh=False)
                 if not math.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}")
-                if cfg.checkpoint.save_dir and (done or (cfg.checkpoint.save_interval
+                if self.paths.save_dir and (done or (cfg.checkpoint.save_interval
                                                          and self.step % cfg.checkpoint.save_interval == 0)):
                     self.save()
         finally:
@@ -210,23 +212,23 @@ class PretrainTrainer(Stateful):
 
     def load(self) -> None:
         """Restores the starting point (see the module docstring); does nothing for a fresh run."""
-        c, b = self.cfg.checkpoint, self.cfg.branch
+        c, b, p = self.cfg.checkpoint, self.cfg.branch, self.paths
         latest = self.checkpoints.latest_step()
         if latest is not None:
             self._load_full(self.checkpoints.iteration_dir(latest))
             self._saved_step = self.step
-        elif b.from_checkpoint:
-            self._load_full(ckpt.resolve(b.from_checkpoint))
+        elif p.branch_from:
+            self._load_full(ckpt.resolve(p.branch_from))
             self.branch_end = self.train_steps = self.step + b.steps
             self.schedule.start_decay(self.step, b.half_life)
             logger.info("evaluation branch: steps %d..%d, lr half-life %g", self.step, self.branch_end, b.half_life)
-        elif c.load and c.load_weights_only:
-            path = ckpt.resolve(c.load)
+        elif p.load and c.load_weights_only:
+            path = ckpt.resolve(p.load)
             ckpt.load(path, {"model": self.model_state})
             self.optimizer.reload_model_params()  # fp32 main params follow the loaded weights
             logger.info("loaded weights only from %s", path)
-        elif c.load:
-            self._load_full(ckpt.resolve(c.load))
+        elif p.load:
+            self._load_full(ckpt.resolve(p.load))
 
     def _load_full(self, path: str) -> None:
         if self.cfg.optim.use_distributed_optimizer:
@@ -255,3 +257,8 @@ class PretrainTrainer(Stateful):
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.optimizer.step()
+
+
+def run_pretrain(cfg: PretrainRunConfig, paths: PretrainPaths) -> dict:
+    """Runs (or resumes) one pretraining run; returns the last step's metrics."""
+    return PretrainTrainer(cfg, paths).train()

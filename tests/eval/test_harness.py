@@ -12,8 +12,8 @@ lm_eval = pytest.importorskip(
     "lm_eval", reason="lm-evaluation-harness is not installed (pip install 'megatron_bliss[eval]')")
 
 from megatron_bliss.checkpointing import save_model
-from megatron_bliss.config import load_config
-from megatron_bliss.eval.run import EvalConfig, run_eval
+from megatron_bliss.config import load_stage_config
+from megatron_bliss.eval.run import EvalConfig, EvalPaths, run_eval
 from tests.eval.conftest import tiny_config
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -52,11 +52,11 @@ def task_dir(tmp_path_factory):
 
 
 def test_run_eval_writes_results(saved_target, task_dir, tmp_path):
-    cfg = load_config(EvalConfig, None, [f"--checkpoint={saved_target}", "--tasks=[tiny_mc, sciq]",
-                                         f"--include_path={task_dir}", f"--output_dir={tmp_path / 'out'}",
-                                         "--batch_size=5"])
+    cfg, paths = load_stage_config(EvalConfig, EvalPaths, None, [
+        f"--paths.checkpoint={saved_target}", "--tasks=[tiny_mc, sciq]", f"--paths.include_path={task_dir}",
+        f"--paths.output_dir={tmp_path / 'out'}", "--batch_size=5"])
     assert cfg.model is None  # read from the checkpoint's metadata
-    summary = run_eval(cfg)
+    summary = run_eval(cfg, paths)
     with open(tmp_path / "out" / "results.json") as f:
         record = json.load(f)
     for task, n in (("tiny_mc", 8), ("sciq", 4)):

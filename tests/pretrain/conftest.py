@@ -25,10 +25,10 @@ def common_args(text_data, save_dir, steps, **extra) -> list[str]:
             # rows padded to a multiple of 32 x TP: 8,000 at TP=1 and TP=2, so both draw the same initial weights
             # and take the softmax over the same rows (checkpoints load across paddings either way)
             "model.make_vocab_size_divisible_by": 32,
-            "data.train_prefixes": f"[{text_data['train']}]", "data.valid_prefix": text_data["valid"],
+            "paths.train_prefixes": f"[{text_data['train']}]", "paths.valid_prefix": text_data["valid"],
             "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.train_steps": steps,
             "train.eval_interval": 4, "train.eval_batches": 4, "schedule.warmup_steps": 2, "optim.lr": 3e-3,
-            "checkpoint.save_dir": save_dir, "checkpoint.save_interval": 2, "logging.progress_bar": False,
+            "paths.save_dir": save_dir, "checkpoint.save_interval": 2, "logging.progress_bar": False,
             "logging.tensorboard": False}
     args.update(extra)
     return [f"--{k}={v}" for k, v in args.items()]

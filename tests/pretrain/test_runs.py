@@ -49,7 +49,7 @@ def test_layouts_reproduce_single_process_losses(reference, text_data, tmp_path,
     if "parallel.pipeline_model_parallel_size" in layout:
         # each pipeline stage draws its initial weights from its own stream: start from the reference's weights,
         # which also checks a weights-only load under another layout
-        layout = dict(layout, **{"checkpoint.load": os.path.join(reference, "iter_0000000"),
+        layout = dict(layout, **{"paths.load": os.path.join(reference, "iter_0000000"),
                                  "checkpoint.load_weights_only": True})
     run_pretrain(common_args(text_data, run_dir, 4, **{"checkpoint.save_interval": 100, **layout}), nproc=2)
     ref = losses(reference)
@@ -75,7 +75,7 @@ def test_resume_tp1_checkpoint_under_pp2(reference, text_data, tmp_path):
     """Weights, optimizer state and sampler position of a 1-process checkpoint continue under PP=2."""
     run_dir = str(tmp_path / "run")
     run_pretrain(common_args(text_data, run_dir, 6, **{"parallel.pipeline_model_parallel_size": 2,
-                                                       "checkpoint.load": os.path.join(reference, "iter_0000004")}),
+                                                       "paths.load": os.path.join(reference, "iter_0000004")}),
                  nproc=2)
     got = losses(run_dir)
     assert sorted(got) == [5, 6]
@@ -118,7 +118,7 @@ def test_evaluation_branch_leaves_main_run_untouched(reference, text_data, tmp_p
     before = _checksums(reference)
     branch_dir = str(tmp_path / "branch")
     args = common_args(text_data, branch_dir, STEPS,
-                       **{"branch.from_checkpoint": os.path.join(reference, "iter_0000004"),
+                       **{"paths.branch_from": os.path.join(reference, "iter_0000004"),
                           "branch.steps": 3, "branch.half_life": 1})
     run_pretrain(args)
     assert _checksums(reference) == before

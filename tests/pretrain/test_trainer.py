@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from megatron_bliss.checkpointing import CheckpointError
-from megatron_bliss.config import load_config
-from megatron_bliss.pretrain.config import PretrainRunConfig
+from megatron_bliss.config import load_stage_config
+from megatron_bliss.pretrain.config import PretrainPaths, PretrainRunConfig
 from megatron_bliss.pretrain.trainer import PretrainTrainer
 from tests.pretrain.conftest import common_args, losses
 
@@ -19,8 +19,12 @@ def one_thread(single_process):
     torch.set_num_threads(threads)
 
 
+def _load(text_data, save_dir, steps, **extra):
+    return load_stage_config(PretrainRunConfig, PretrainPaths, None, common_args(text_data, save_dir, steps, **extra))
+
+
 def _trainer(text_data, save_dir, steps, **extra):
-    return PretrainTrainer(load_config(PretrainRunConfig, None, common_args(text_data, save_dir, steps, **extra)))
+    return PretrainTrainer(*_load(text_data, save_dir, steps, **extra))
 
 
 def test_loss_decreases_on_real_text(one_thread, text_data, tmp_path):
@@ -42,18 +46,17 @@ def test_loss_decreases_on_real_text(one_thread, text_data, tmp_path):
 
 def test_checkpoint_of_another_preset_is_refused(one_thread, text_data, tmp_path):
     _trainer(text_data, str(tmp_path / "debug"), 1).train()
-    other = load_config(PretrainRunConfig, None, common_args(
-        text_data, str(tmp_path / "other"), 1, **{"model.preset": "tiny",
-                                                   "checkpoint.load": str(tmp_path / "debug")}))
+    other = _load(text_data, str(tmp_path / "other"), 1, **{"model.preset": "tiny",
+                                                              "paths.load": str(tmp_path / "debug")})
     with pytest.raises(CheckpointError, match=r"saved from preset 'debug'.*preset 'tiny'.*hidden_size: checkpoint 16"):
-        PretrainTrainer(other).load()
+        PretrainTrainer(*other).load()
 
 
 def test_weights_only_start_resets_everything_else(one_thread, text_data, tmp_path):
     source = _trainer(text_data, str(tmp_path / "src"), 2)
     source.train()
     weights = {k: v.clone() for k, v in source.chunks[0].state_dict().items() if torch.is_tensor(v)}
-    fresh = _trainer(text_data, str(tmp_path / "ft"), 2, **{"checkpoint.load": str(tmp_path / "src"),
+    fresh = _trainer(text_data, str(tmp_path / "ft"), 2, **{"paths.load": str(tmp_path / "src"),
                                                              "checkpoint.load_weights_only": True})
     fresh.load()
     assert fresh.step == 0 and fresh.train_data.source.sampler.consumed == 0

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from megatron_bliss.config import ConfigError, load_config
-from megatron_bliss.pretrain.config import PretrainRunConfig
+from megatron_bliss.config import ConfigError, load_stage_config
+from megatron_bliss.pretrain.config import PretrainPaths, PretrainRunConfig
 from megatron_bliss.pretrain.data import TrainBatches, ValidationBatches
 from megatron_bliss.pretrain.schedule import ScheduleConfig, WSDSchedule
 from tests.conftest import REPO_ROOT
@@ -71,19 +71,22 @@ def test_validation_scores_only_the_targets(text_data):
 
 
 def _load(*overrides, path=None):
-    return load_config(PretrainRunConfig, path, list(overrides))
+    """The run config, with its paths checked as a run checks them before building anything."""
+    cfg, paths = load_stage_config(PretrainRunConfig, PretrainPaths, path, list(overrides))
+    paths.check(cfg)
+    return cfg
 
 
 def test_config_cross_checks(text_data, tmp_path):
     with pytest.raises(ValueError, match="num_attention_heads.*tensor_model_parallel_size"):
         _load("--model.preset=debug", "--parallel.tensor_model_parallel_size=3")
     with pytest.raises(ValueError, match=r"stored sequences have 17 tokens, but model.seq_length=32"):
-        _load("--model.preset=debug", "--model.seq_length=32", f"--data.train_prefixes=[{text_data['train']}]")
+        _load("--model.preset=debug", "--model.seq_length=32", f"--paths.train_prefixes=[{text_data['train']}]")
     with pytest.raises(ValueError, match="global_batch_size"):
         _load("--model.preset=debug", "--train.global_batch_size=10", "--train.micro_batch_size=4")
     main = tmp_path / "main"
     with pytest.raises(ValueError, match="evaluation branch must write elsewhere"):
-        _load("--model.preset=debug", f"--branch.from_checkpoint={main}/iter_0000004", f"--checkpoint.save_dir={main}")
+        _load("--model.preset=debug", f"--paths.branch_from={main}/iter_0000004", f"--paths.save_dir={main}")
     with pytest.raises(ConfigError, match="unknown key"):
         _load("--optim.learning_rate=1")
 
