@@ -269,13 +269,13 @@ def read_metadata(path: str) -> dict:
 
 def model_config(path: str, name: str = "model") -> ModelConfig:
     """The full config of model ``name`` saved in checkpoint ``path`` (a directory or a save_dir's latest)."""
-    from megatron_bliss.config import _build
+    from megatron_bliss.config import from_dict
 
     path = resolve(path)
     saved = read_metadata(path)["models"].get(name)
     if saved is None:
         raise CheckpointError(f"checkpoint {path} holds no model {name!r}")
-    return _build(ModelConfig, saved["config"], f"{path}/{METADATA_FILE}")
+    return from_dict(ModelConfig, saved["config"], f"{path}/{METADATA_FILE}")
 
 
 def save(path: str, states: Mapping[str, object], metadata: dict | None = None) -> None:
@@ -374,9 +374,10 @@ def list_checkpoints(directory: str) -> list:
 
 def resolve(path: str) -> str:
     """A checkpoint directory from ``path``: itself, or the latest of a save_dir (its marker, else its newest)."""
-    step = CheckpointManager(path).latest_step()
+    manager = CheckpointManager(path)
+    step = manager.latest_step()
     if step is not None:
-        return CheckpointManager(path).iteration_dir(step)
+        return manager.iteration_dir(step)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, METADATA_FILE)):
         found = list_checkpoints(path)
         if found:

@@ -108,6 +108,12 @@ def _build(cls: type[T], values: dict, where: str) -> T:
         raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
 
 
+def from_dict(cls: type[T], values: dict, where: str = "") -> T:
+    """``cls`` built from plain values with the checks and hooks a config file gets (``where`` names the source in
+    errors); raises ConfigError."""
+    return _build(cls, values, where)
+
+
 def _merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for k, v in update.items():

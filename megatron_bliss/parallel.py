@@ -261,15 +261,6 @@ def all_reduce(tensor: torch.Tensor, group=None, op: str = "sum") -> torch.Tenso
     return tensor
 
 
-def all_reduce_mean(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """In-place mean of ``tensor`` over ``group`` (None: the whole job); returns it."""
-    size = group_size(group)
-    if size > 1:
-        dist.all_reduce(tensor, group=group)
-        tensor /= size
-    return tensor
-
-
 def all_gather_object(obj, group=None) -> list:
     """Every rank's ``obj`` (picklable), indexed by rank within ``group``; ``[obj]`` outside torch.distributed."""
     size = group_size(group)
@@ -278,15 +269,6 @@ def all_gather_object(obj, group=None) -> list:
     out = [None] * size
     dist.all_gather_object(out, obj, group=group)
     return out
-
-
-def broadcast_object(obj, src: int = 0, group=None):
-    """``obj`` of global rank ``src``, on every rank of ``group``."""
-    if group_size(group) == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
 
 
 def all_reduce_tensors(tensors, group=None, mean: bool = False) -> list:

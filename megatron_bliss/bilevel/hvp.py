@@ -21,7 +21,6 @@ with fused kernels and TP>1 but needs fp32 or fp64 parameters (in bf16 its produ
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -342,11 +341,6 @@ class DataParallelMean(CurvatureOperator):
 
     def close(self):
         self.inner.close()
-
-
-# Deprecated alias, kept only because bilevel/trainer.py still imports it: use
-# parallel.all_reduce_tensors(tensors, group, mean=True).
-all_reduce_mean_tensors = functools.partial(parallel.all_reduce_tensors, mean=True)
 
 
 def build_operator(objective: Objective, engine: str, curvature: str = "hessian", *, fd_eps: float = 1e-2,

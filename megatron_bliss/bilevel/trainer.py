@@ -90,14 +90,14 @@ class BilevelTrainer:
         device = parallel.get_device()
         self.train_stream = TrainStream(train_data if train_data is not None else paths.train_prefix,
                                         b.micro_batch_size, dp_rank, dp_size, b.seed, device=device)
+        width = self.train_stream.sequences.shape[1]
+        if width - 1 > cfg.proxy.seq_length:  # the model sees all but the last token of each
+            raise ValueError(f"training sequences of {paths.train_prefix or 'the given array'} have {width} tokens: "
+                             f"the proxy would see {width - 1} but proxy.seq_length is {cfg.proxy.seq_length}")
+        # a stored training sequence is one sample, whole; validation examples follow the data path's crop rule
         self.val_stream = ValidationStream(val_data if val_data is not None else paths.val_prefix,
-                                           b.val_micro_batch_size, dp_rank, dp_size, b.seed, device=device)
-        checks = ((f"training sequences of {paths.train_prefix or 'the given array'}", self.train_stream.sequences),
-                  (f"validation examples of {paths.val_prefix or 'the given arrays'}", self.val_stream.tokens))
-        for what, array in checks:  # the model sees all but the last token of each
-            if array.shape[1] - 1 > cfg.proxy.seq_length:
-                raise ValueError(f"{what} have {array.shape[1]} tokens: the proxy would see {array.shape[1] - 1} "
-                                 f"but proxy.seq_length is {cfg.proxy.seq_length}")
+                                           b.val_micro_batch_size, dp_rank, dp_size, b.seed, device=device,
+                                           sample_length=cfg.proxy.seq_length + 1)
         self.eval_set = self.val_stream.eval_batches(b.eval_batches)
         self.proxy_opt = build_adamw(self.proxy, b.proxy_lr, b)
         self.score_opt = build_adamw(self.score, b.score_lr, b)

@@ -247,6 +247,7 @@ def load_target(checkpoint: str, model_cfg=None, *, tokenizer_path: str | None =
 
     from megatron_bliss import checkpointing as ckpt
     from megatron_bliss import parallel
+    from megatron_bliss.config import from_dict
     from megatron_bliss.data import build_tokenizer
     from megatron_bliss.data.tokenizer import DEFAULT_TOKENIZER
     from megatron_bliss.models import ModelConfig, build_gpt
@@ -257,7 +258,7 @@ def load_target(checkpoint: str, model_cfg=None, *, tokenizer_path: str | None =
         raise RuntimeError("device 'cpu' requested on a machine with visible GPUs: set CUDA_VISIBLE_DEVICES=")
     resolved = ckpt.resolve(checkpoint)
     if model_cfg is None and model_overrides:
-        model_cfg = ModelConfig(**{**ModelConfig.config_defaults(model_overrides), **model_overrides})
+        model_cfg = from_dict(ModelConfig, model_overrides, "model_overrides")
     if model_cfg is None:
         model_cfg = ckpt.model_config(resolved)
     tokenizer = build_tokenizer(tokenizer_path or DEFAULT_TOKENIZER)

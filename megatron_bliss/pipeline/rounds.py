@@ -35,6 +35,12 @@ def _round_dir(cfg: PipelineRunConfig, r: int) -> str:
     return os.path.join(cfg.run.run_dir, f"round{r}")
 
 
+def _data_parallel(cfg: PipelineRunConfig):
+    """The pipeline's layout without model parallelism: the proxy-sized phases run data-parallel over every rank."""
+    return dataclasses.replace(cfg.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                               virtual_pipeline_model_parallel_size=None)
+
+
 def _target_phase(cfg: PipelineRunConfig, *, model: ModelConfig, prefixes, save_dir: str, total_steps: int,
                   lr_multiplier: float = 1.0, load: str | None = None, branch_from: str | None = None,
                   proxy: bool = False) -> dict:
@@ -58,8 +64,7 @@ def _target_phase(cfg: PipelineRunConfig, *, model: ModelConfig, prefixes, save_
         train = dataclasses.replace(train, train_steps=total_steps)
     run = PretrainRunConfig(
         model=model,
-        parallel=dataclasses.replace(cfg.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                                     virtual_pipeline_model_parallel_size=None) if proxy else cfg.parallel,
+        parallel=_data_parallel(cfg) if proxy else cfg.parallel,
         data=PretrainDataConfig(seed=cfg.parallel.seed),
         train=train,
         optim=cfg.proxy_optim if proxy else cfg.optim,
@@ -84,9 +89,7 @@ class BlissPipeline:
     def __init__(self, cfg: PipelineRunConfig):
         cfg.validate()
         self.cfg = cfg
-        parallel.initialize(dataclasses.replace(cfg.parallel, tensor_model_parallel_size=1,
-                                                pipeline_model_parallel_size=1,
-                                                virtual_pipeline_model_parallel_size=None))
+        parallel.initialize(_data_parallel(cfg))
         self.manifest = Manifest(cfg.run.run_dir, config_hash(cfg.fingerprint()), force=cfg.run.force,
                                  writer=parallel.is_rank0())
         if parallel.is_rank0():
@@ -171,7 +174,7 @@ class BlissPipeline:
                              warmup_proxy=self._paths(0)["proxy"], target=prev["target"] if b.kl_coef > 0 else "",
                              init_score=prev["score"] if r > 1 else "", output_dir=p["bilevel"])
         bcfg = BilevelRunConfig(proxy=c.proxy, target=c.target if b.kl_coef > 0 else None,
-                                parallel=self._data_parallel(), bilevel=b)
+                                parallel=_data_parallel(c), bilevel=b)
         metrics = run_bilevel(bcfg, paths)
         return {"kind": "selection", "steps": b.outer_steps, "metrics": metrics, "flops": self._bilevel_flops(b),
                 "outputs": [p["score"]]}
@@ -181,7 +184,7 @@ class BlissPipeline:
         from megatron_bliss.score.scoring import run_scoring
 
         c, p = self.cfg, self._paths(r)
-        scfg = ScoreRunConfig(model=c.proxy, parallel=self._data_parallel(), scoring=c.scoring)
+        scfg = ScoreRunConfig(model=c.proxy, parallel=_data_parallel(c), scoring=c.scoring)
         path = run_scoring(scfg, ScorePaths(checkpoint=p["score"], data_prefix=c.data.shards[r],
                                             output_dir=p["scores"]))
         n = len(np.load(path, mmap_mode="r"))
@@ -226,10 +229,6 @@ class BlissPipeline:
                 "flops": _lm_flops(c.target, c.steps.eval_branch_steps, c.train)}
 
     # ------------------------------------------------------------------------------------------------- helpers
-    def _data_parallel(self):
-        return dataclasses.replace(self.cfg.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                                   virtual_pipeline_model_parallel_size=None)
-
     def _bilevel_flops(self, b) -> float:
         """Estimated FLOPs of a bilevel round, in proxy fwd+bwd units per outer step: inner steps, the validation
         gradient, two per curvature product of the solve, and the mixed term (about two); plus the target's
