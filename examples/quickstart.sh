@@ -21,9 +21,9 @@ python tools/prepare_validation.py --input tests/assets/lambada_sample.jsonl --o
 for method in bliss random; do
   python -m torch.distributed.run --nproc-per-node "$nproc" --master-addr 127.0.0.1 --master-port "${PORT:-29517}" \
     -m megatron_bliss.pipeline --config examples/configs/bliss_tiny_cpu.yaml \
-    --run.method="$method" --run.run_dir="$out/$method" \
-    --data.shards="[$out/data/c4_shard0, $out/data/c4_shard1, $out/data/c4_shard2]" \
-    --data.valid_prefix="$out/data/lambada"
+    --run.method="$method" --paths.run_dir="$out/$method" \
+    --paths.shards="[$out/data/c4_shard0, $out/data/c4_shard1, $out/data/c4_shard2]" \
+    --paths.valid_prefix="$out/data/lambada"
 done
 # 4. One report over both runs
 python -m megatron_bliss.pipeline.report "$out/bliss" "$out/random" --output "$out/report"

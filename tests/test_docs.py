@@ -46,6 +46,7 @@ STAGE_SECTIONS = (
     ("paths", "megatron_bliss.score.config:ScorePaths"),
     ("paths", "megatron_bliss.pretrain.config:PretrainPaths"),
     ("paths", "megatron_bliss.eval.run:EvalPaths"),
+    ("paths", "megatron_bliss.pipeline.config:PipelinePaths"),
 )
 """Sections a stage loads beside its root (``parse_cli(..., paths_cls=...)``): the files the stage reads and writes."""
 
@@ -446,7 +447,7 @@ def test_extractor_reports_bad_paths_keys_modules_and_stages():
 
 def test_extractor_in_scripts_and_config_comments():
     script = ("bash scripts/nope.sh\n# see docs/nope.md\n"
-              "torchrun -m megatron_bliss.pretrain --train.nope=1 --data.valid_prefix=\"$out/data/lambada\"\n")
+              "torchrun -m megatron_bliss.pretrain --train.nope=1 --paths.valid_prefix=\"$out/data/lambada\"\n")
     assert [(p.where, p.token) for p in scan(script, "examples/x.sh").problems] == [
         ("examples/x.sh:1", "scripts/nope.sh"), ("examples/x.sh:2", "docs/nope.md"),
         ("examples/x.sh:3", "--train.nope")]

@@ -1,11 +1,11 @@
-"""Every shipped example config loads and validates against its entry point's config class."""
+"""Every shipped example config loads and validates against its entry point's config and paths classes."""
 
 import glob
 import os
 
 import pytest
 
-from megatron_bliss.config import load_config, load_stage_config
+from megatron_bliss.config import load_stage_config
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "examples", "configs", "*.yaml")))
@@ -14,9 +14,9 @@ CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "examples", "configs", "*.yam
 def _config_class(path):
     name = os.path.basename(path)
     if name.startswith("bliss_"):
-        from megatron_bliss.pipeline.config import PipelineRunConfig
+        from megatron_bliss.pipeline.config import PipelinePaths, PipelineRunConfig
 
-        return PipelineRunConfig
+        return PipelineRunConfig, PipelinePaths
     if name.startswith(("pythia_", "tiny_target")):
         from megatron_bliss.pretrain.config import PretrainPaths, PretrainRunConfig
 
@@ -26,13 +26,8 @@ def _config_class(path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
 def test_example_config_loads(path):
-    cls = _config_class(path)
-    if isinstance(cls, tuple):  # a stage config with its paths section
-        cfg, paths = load_stage_config(*cls, path)
-        assert paths.train_prefixes and paths.save_dir
-    else:
-        cfg = load_config(cls, path)
-    assert cfg is not None
+    cfg, paths = load_stage_config(*_config_class(path), path)
+    assert cfg is not None and paths != type(paths)()  # the example names its files
 
 
 def test_there_are_examples():

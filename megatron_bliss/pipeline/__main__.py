@@ -13,15 +13,16 @@ import warnings
 from megatron_bliss import parallel
 from megatron_bliss.config import parse_cli
 from megatron_bliss.log import setup_logging
-from megatron_bliss.pipeline.config import PipelineRunConfig
+from megatron_bliss.pipeline.config import PipelinePaths, PipelineRunConfig
 from megatron_bliss.pipeline.rounds import run_pipeline
 
 
 def main(argv=None) -> int:
     setup_logging()
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
-    cfg = parse_cli(PipelineRunConfig, argv, "Run BLISS data selection and target pretraining end to end.")
-    report = run_pipeline(cfg)
+    cfg, paths = parse_cli(PipelineRunConfig, argv, "Run BLISS data selection and target pretraining end to end.",
+                           prog="megatron-bliss pipeline", paths_cls=PipelinePaths)
+    report = run_pipeline(cfg, paths)
     parallel.log_rank0("report: %s/report.md", report)
     parallel.destroy()
     return 0

@@ -25,8 +25,6 @@ METHODS = ("bliss", "random")
 class RunSection:
     """The run as a whole."""
 
-    run_dir: str = "runs/bliss"
-    """Directory of every output and of ``manifest.json``; a rerun resumes there."""
     method: str = "bliss"
     """'bliss' (bilevel score model selects each round's subset) or 'random' (the baseline: same schedule, a random
     subset of the same size, no bilevel or scoring phase)."""
@@ -40,13 +38,29 @@ class RunSection:
 
 
 @dataclass
-class PipelineDataConfig:
-    """The candidate pool and the validation set."""
+class PipelinePaths:
+    """The files a run reads and the directory it writes (the ``paths`` section)."""
 
+    run_dir: str = "runs/bliss"
+    """Directory of every output and of ``manifest.json``; a rerun resumes there."""
     shards: list[str] = field(default_factory=list)
     """Sequences-mode prefixes: shard 0 for the warm-up, shard r for round r (tools/preprocess_c4.py --shards)."""
     valid_prefix: str = ""
     """Validation prefix with its loss mask (tools/prepare_validation.py): the upper objective and the eval loss."""
+
+    def check(self, cfg: PipelineRunConfig) -> None:
+        """Checks against the run's config; raises ValueError naming the settings."""
+        if len(self.shards) < cfg.run.rounds + 1:
+            raise ValueError(f"paths.shards lists {len(self.shards)} prefixes; run.rounds={cfg.run.rounds} needs "
+                             f"{cfg.run.rounds + 1} (shard 0 for the warm-up, one per round)")
+        if not self.valid_prefix:
+            raise ValueError("paths.valid_prefix is required (tools/prepare_validation.py writes it)")
+
+
+@dataclass
+class PipelineDataConfig:
+    """How the warm-up subset is drawn from shard 0."""
+
     warmup_fraction: float = 0.2
     """Fraction of shard 0 drawn at random for the warm-up."""
 
@@ -95,7 +109,7 @@ class PipelineRunConfig:
     run: RunSection = field(default_factory=RunSection)
     """Run directory, method and number of rounds."""
     data: PipelineDataConfig = field(default_factory=PipelineDataConfig)
-    """Shards and validation set."""
+    """The warm-up subset's size."""
     target: ModelConfig = field(default_factory=lambda: ModelConfig(preset="tiny"))
     """Target shape."""
     proxy: ModelConfig = field(default_factory=lambda: ModelConfig(preset="tiny"))
@@ -127,11 +141,6 @@ class PipelineRunConfig:
             raise ValueError(f"run.method must be one of {METHODS}, got {self.run.method!r}")
         if self.run.rounds < 1:
             raise ValueError(f"run.rounds must be >= 1, got {self.run.rounds}")
-        if len(self.data.shards) < self.run.rounds + 1:
-            raise ValueError(f"data.shards lists {len(self.data.shards)} prefixes; run.rounds={self.run.rounds} needs "
-                             f"{self.run.rounds + 1} (shard 0 for the warm-up, one per round)")
-        if not self.data.valid_prefix:
-            raise ValueError("data.valid_prefix is required (tools/prepare_validation.py writes it)")
         if self.target.padded_vocab_size() != self.proxy.padded_vocab_size():
             raise ValueError(f"target.vocab_size ({self.target.vocab_size}) and proxy.vocab_size "
                              f"({self.proxy.vocab_size}) differ: both read the same tokenized shards")
@@ -146,13 +155,13 @@ class PipelineRunConfig:
 
         Left out: settings no phase reads for this method (the random baseline has no proxy, bilevel or scoring
         phase, and takes only the subset size from ``selection``), and settings that change no output (where the
-        run lives, forcing, checkpoint and logging cadence, the number of rounds: round r never depends on later
-        rounds, so a run can be extended).
+        forcing, checkpoint and logging cadence, the number of rounds: round r never depends on later rounds, so a
+        run can be extended). The input files come in through :func:`manifest_hash`.
         """
         from megatron_bliss.config import to_dict
 
         d = to_dict(self)
-        for key in ("force", "run_dir", "save_interval", "rounds"):
+        for key in ("force", "save_interval", "rounds"):
             d["run"].pop(key)
         for key in ("log_interval", "tensorboard", "save_interval", "keep_checkpoints"):
             d["bilevel"].pop(key)
@@ -162,3 +171,11 @@ class PipelineRunConfig:
             d["selection"] = {"fraction": self.selection.fraction, "top_k": self.selection.top_k}
             d["steps"].pop("proxy_warmup_steps")
         return d
+
+
+def manifest_hash(cfg: PipelineRunConfig, paths: PipelinePaths) -> str:
+    """The hash a run directory's manifest keeps: the config's :meth:`~PipelineRunConfig.fingerprint` and the input
+    files the phases read (not where the run lives)."""
+    from megatron_bliss.config import config_hash
+
+    return config_hash({"config": cfg.fingerprint(), "shards": list(paths.shards), "valid_prefix": paths.valid_prefix})

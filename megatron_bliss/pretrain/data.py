@@ -135,7 +135,7 @@ class ValidationBatches:
     ``sample_length`` wide under :class:`~megatron_bliss.data.loader.ValidationSet`'s crop rule.
 
     Args:
-        prefix: the validation prefix (``data.valid_prefix``).
+        prefix: the validation prefix (``paths.valid_prefix``).
         sample_length: ``model.seq_length + 1``.
         global_batch_size / micro_batch_size: the training sizes.
         dp_rank / dp_size: this rank's data-parallel position.

@@ -33,9 +33,9 @@ def data_dir(tmp_path_factory):
 
 def _args(data_dir, run_dir, *extra):
     return ["--config", os.path.join(REPO_ROOT, "tests", "pipeline", "tiny_pipeline.yaml"),
-            f"--run.run_dir={run_dir}",
-            f"--data.shards=[{data_dir / 'c4_shard0'}, {data_dir / 'c4_shard1'}]",
-            f"--data.valid_prefix={data_dir / 'lambada'}", *extra]
+            f"--paths.run_dir={run_dir}",
+            f"--paths.shards=[{data_dir / 'c4_shard0'}, {data_dir / 'c4_shard1'}]",
+            f"--paths.valid_prefix={data_dir / 'lambada'}", *extra]
 
 
 def _start(data_dir, run_dir, *extra, log=None):
