@@ -67,7 +67,7 @@ class TrainBatches:
     A thin wrapper over :class:`~megatron_bliss.data.loader.BatchSource`.
 
     Args:
-        prefixes / weights / seed: see :class:`PretrainDataConfig`.
+        prefixes: ``paths.train_prefixes``; weights / seed: see :class:`PretrainDataConfig`.
         sample_length: tokens per stored sequence (``model.seq_length + 1``).
         global_batch_size / micro_batch_size: samples per optimizer step / per micro-batch.
         dp_rank / dp_size: this rank's data-parallel position.
