@@ -100,7 +100,8 @@ def _build(cls: type[T], values: dict, where: str) -> T:
             raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
     unknown = sorted(set(values) - set(types_))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(types_))}")
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(types_))}")
     kwargs = {k: _coerce(v, types_[k], f"{where}.{k}" if where else k) for k, v in values.items()}
     try:
         return cls(**kwargs)
@@ -258,3 +259,37 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, description: str 
         return load_config(cls, args.config, rest)
     except (ConfigError, ValueError) as exc:
         parser.error(str(exc))
+
+
+def run_stage(config_cls: type, paths_cls: type, run: str, argv: Sequence[str] | None, *, prog: str,
+              description: str, log_level=None, prepare=None) -> int:
+    """The body of every stage's ``main``: parse ``(config, paths)``, set up logging, run, tear down.
+
+    Args:
+        config_cls / paths_cls: the stage's root config and its ``paths`` section (see :func:`load_stage_config`).
+        run: ``"module:function"`` of the stage's ``run_<stage>(config, paths)``, imported only after parsing so that
+            ``--help`` and a usage error stay fast.
+        argv: command-line arguments (default ``sys.argv[1:]``).
+        prog / description: for the usage message.
+        log_level: ``config -> level`` of the package logger (default INFO).
+        prepare: ``config -> None`` called before the stage's modules are imported (process-level settings).
+
+    Returns:
+        The process exit code (0).
+    """
+    import importlib
+    import warnings
+
+    from megatron_bliss.log import setup_logging
+
+    cfg, paths = parse_cli(config_cls, argv, description, prog=prog, paths_cls=paths_cls)
+    setup_logging(log_level(cfg) if log_level else "INFO")
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    if prepare is not None:
+        prepare(cfg)
+    module, _, function = run.partition(":")
+    getattr(importlib.import_module(module), function)(cfg, paths)
+    from megatron_bliss import parallel
+
+    parallel.destroy()
+    return 0

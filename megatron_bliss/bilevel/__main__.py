@@ -15,26 +15,16 @@ A plain ``python -m megatron_bliss.bilevel ...`` is a world of one. Rerunning th
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parses the layered config, runs (or resumes) the round, tears down; returns the exit code."""
-    from megatron_bliss import parallel
     from megatron_bliss.bilevel.config import BilevelPaths, BilevelRunConfig
-    from megatron_bliss.config import parse_cli
-    from megatron_bliss.log import setup_logging
+    from megatron_bliss.config import run_stage
 
-    cfg, paths = parse_cli(BilevelRunConfig, argv, __doc__.split("\n\n")[0], prog="megatron-bliss bilevel",
-                           paths_cls=BilevelPaths)
-    setup_logging()
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-    from megatron_bliss.bilevel.trainer import run_bilevel
-
-    run_bilevel(cfg, paths)
-    parallel.destroy()
-    return 0
+    return run_stage(BilevelRunConfig, BilevelPaths, "megatron_bliss.bilevel.trainer:run_bilevel", argv,
+                     prog="megatron-bliss bilevel", description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -9,28 +9,22 @@ See :mod:`megatron_bliss.eval.run` for what it writes.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 
-from megatron_bliss.eval.run import EvalConfig, EvalPaths, run_eval
+from megatron_bliss.eval.run import EvalConfig, EvalPaths
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parses the layered config, evaluates, writes the results; returns the exit code."""
-    from megatron_bliss.config import parse_cli
-    from megatron_bliss.log import setup_logging
+    from megatron_bliss.config import run_stage
 
-    cfg, paths = parse_cli(EvalConfig, argv, "Evaluate a target checkpoint with lm-evaluation-harness.",
-                           prog="megatron-bliss eval", paths_cls=EvalPaths)
-    setup_logging()
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
+    return run_stage(EvalConfig, EvalPaths, "megatron_bliss.eval.run:run_eval", argv, prog="megatron-bliss eval",
+                     description="Evaluate a target checkpoint with lm-evaluation-harness.", prepare=_hide_gpus)
+
+
+def _hide_gpus(cfg: EvalConfig) -> None:
     if cfg.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initializes CUDA
-    run_eval(cfg, paths)
-    from megatron_bliss import parallel
-
-    parallel.destroy()
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,24 +8,19 @@ Rerunning the same command resumes at the first unfinished phase; a changed conf
 ``--run.force=true``. ``--run.method=random`` runs the random-selection baseline on the same schedule.
 """
 
-import warnings
+from __future__ import annotations
 
-from megatron_bliss import parallel
-from megatron_bliss.config import parse_cli
-from megatron_bliss.log import setup_logging
-from megatron_bliss.pipeline.config import PipelinePaths, PipelineRunConfig
-from megatron_bliss.pipeline.rounds import run_pipeline
+from collections.abc import Sequence
 
 
-def main(argv=None) -> int:
-    setup_logging()
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
-    cfg, paths = parse_cli(PipelineRunConfig, argv, "Run BLISS data selection and target pretraining end to end.",
-                           prog="megatron-bliss pipeline", paths_cls=PipelinePaths)
-    report = run_pipeline(cfg, paths)
-    parallel.log_rank0("report: %s/report.md", report)
-    parallel.destroy()
-    return 0
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses the layered config, runs (or resumes) the whole schedule, tears down; returns the exit code."""
+    from megatron_bliss.config import run_stage
+    from megatron_bliss.pipeline.config import PipelinePaths, PipelineRunConfig
+
+    return run_stage(PipelineRunConfig, PipelinePaths, "megatron_bliss.pipeline.rounds:run_pipeline", argv,
+                     prog="megatron-bliss pipeline",
+                     description="Run BLISS data selection and target pretraining end to end.")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,9 @@ class BlissPipeline:
             if parallel.is_rank0():
                 write_report([self.paths.run_dir], os.path.join(self.paths.run_dir, "report"))
         parallel.barrier()
-        return os.path.join(self.paths.run_dir, "report")
+        report = os.path.join(self.paths.run_dir, "report")
+        parallel.log_rank0("report: %s/report.md", report)
+        return report
 
     # --------------------------------------------------------------------------------------------- the phases
     def _paths(self, r: int) -> dict:

@@ -17,18 +17,12 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parses the layered config, scores the shard, tears down; returns the exit code."""
-    from megatron_bliss import parallel
-    from megatron_bliss.config import parse_cli
-    from megatron_bliss.log import setup_logging
+    from megatron_bliss.config import run_stage
     from megatron_bliss.score.config import ScorePaths, ScoreRunConfig
-    from megatron_bliss.score.scoring import run_scoring
 
-    setup_logging()
-    cfg, paths = parse_cli(ScoreRunConfig, argv, "Score every sequence of a shard with a BLISS score model.",
-                           prog="megatron-bliss score", paths_cls=ScorePaths)
-    run_scoring(cfg, paths)
-    parallel.destroy()
-    return 0
+    return run_stage(ScoreRunConfig, ScorePaths, "megatron_bliss.score.scoring:run_scoring", argv,
+                     prog="megatron-bliss score",
+                     description="Score every sequence of a shard with a BLISS score model.")
 
 
 if __name__ == "__main__":
