@@ -4,8 +4,10 @@ This module owns turning one input file into one *part* under ``PREFIX.parts/``:
 tokens, EOD included, back to back), ``NAME.len`` (``int32`` length of each document) and ``NAME.json`` (what was
 read, skipped, and from which file version). The ``.json`` is renamed into place last, so a part with a ``.json``
 is complete; a rerun skips every input whose part is complete and matches the file's size and mtime and the run's
-settings. Tokenization runs in a pool of worker processes fed with blobs of whole lines; results are consumed in
-input order, with a bounded number of tasks in flight, so output bytes never depend on the number of workers.
+settings. Before any tokenizing, every input's first JSON objects are checked for the text field (a wrong
+``--json-key`` fails at once, naming the file). Tokenization runs in a pool of worker processes fed with blobs of
+whole lines; results are consumed in input order, with a bounded number of tasks in flight, so output bytes never
+depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from megatron_bliss.data.indexed import file_sha256, replace_atomic
 from megatron_bliss.data.sources import (
     DataFormatError,
     ReadStatus,
+    check_json_key,
     iter_parquet_rows,
     new_skip_counts,
     parse_lines,
@@ -186,8 +189,11 @@ def tokenize_json_files(files: list[str], parts_dir: str, settings: dict, cfg, d
         The new parts, in input order.
 
     Raises:
-        DataFormatError: in strict mode, at the first bad line (``file:line``).
+        DataFormatError: in strict mode, at the first bad line (``file:line``); and, before any work, an input whose
+            first JSON objects all lack ``cfg.json_key`` (:func:`~megatron_bliss.data.sources.check_json_key`).
     """
+    for path in files:
+        check_json_key(path, cfg.json_key)
     init_args = (cfg.tokenizer_model, cfg.eod_token, cfg.json_key, cfg.strict, cfg.append_eod, dtype.str)
     if cfg.workers == 0:
         _init_worker(*init_args)
