@@ -265,6 +265,10 @@ def run_stage(config_cls: type, paths_cls: type, run: str, argv: Sequence[str] |
               description: str, log_level=None, prepare=None) -> int:
     """The body of every stage's ``main``: parse ``(config, paths)``, set up logging, run, tear down.
 
+    Under ``torchrun`` each rank stops when its launcher dies (:func:`megatron_bliss.launch.watch_launcher`). When
+    ``paths_cls`` names a ``lock_field`` (the stage's output directory), rank 0 locks that directory for the whole
+    run, and a launch on a directory that a live job holds exits at once naming the holder.
+
     Args:
         config_cls / paths_cls: the stage's root config and its ``paths`` section (see :func:`load_stage_config`).
         run: ``"module:function"`` of the stage's ``run_<stage>(config, paths)``, imported only after parsing so that
@@ -280,16 +284,29 @@ def run_stage(config_cls: type, paths_cls: type, run: str, argv: Sequence[str] |
     import importlib
     import warnings
 
+    from megatron_bliss import launch
     from megatron_bliss.log import setup_logging
 
     cfg, paths = parse_cli(config_cls, argv, description, prog=prog, paths_cls=paths_cls)
+    launch.watch_launcher()
     setup_logging(log_level(cfg) if log_level else "INFO")
+    lock = None
+    directory = getattr(paths, getattr(paths_cls, "lock_field", ""), None)
+    if directory and int(os.environ.get("RANK", "0")) == 0:
+        try:
+            lock = launch.DirectoryLock(directory).acquire()
+        except launch.DirectoryLockedError as exc:
+            raise SystemExit(f"{prog}: error: {exc}") from None
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     if prepare is not None:
         prepare(cfg)
     module, _, function = run.partition(":")
-    getattr(importlib.import_module(module), function)(cfg, paths)
-    from megatron_bliss import parallel
+    try:
+        getattr(importlib.import_module(module), function)(cfg, paths)
+        from megatron_bliss import parallel
 
-    parallel.destroy()
+        parallel.destroy()
+    finally:
+        if lock is not None:
+            lock.release()
     return 0

@@ -145,6 +145,9 @@ class BilevelConfig:
 class BilevelPaths:
     """The files a round reads and writes (the ``paths`` section; the pipeline sets them per round)."""
 
+    lock_field = "output_dir"
+    """The directory a launch locks while it runs (a second launch on it is refused, naming the holder)."""
+
     train_prefix: str = ""
     """Indexed dataset (sequences mode) of candidate training sequences."""
     val_prefix: str = ""

@@ -76,7 +76,12 @@ class BilevelTrainer:
     """
 
     def __init__(self, cfg: BilevelRunConfig, paths: BilevelPaths, train_data=None, val_data=None):
+        from megatron_bliss.data.provenance import check_datasets
+
         cfg.validate()
+        check_datasets({"paths.train_prefix": paths.train_prefix if train_data is None else "",
+                        "paths.val_prefix": paths.val_prefix if val_data is None else ""},
+                       cfg.proxy.vocab_size, "proxy.vocab_size")
         self.cfg, self.paths, b = cfg, paths, cfg.bilevel
         parallel.initialize(cfg.parallel)
         self.group = parallel.data_parallel_group()

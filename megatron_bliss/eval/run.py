@@ -29,6 +29,9 @@ BLISS_TASKS = ("sciq", "arc_easy", "arc_challenge", "logiqa", "openbookqa", "boo
 class EvalPaths:
     """The files an evaluation reads and writes (the ``paths`` section)."""
 
+    lock_field = "output_dir"
+    """The directory a launch locks while it runs (a second launch on it is refused, naming the holder)."""
+
     checkpoint: str = ""
     """Target checkpoint: an ``iter_*`` directory or a save_dir (its latest), e.g. a round's ``eval`` branch."""
     tokenizer: str = DEFAULT_TOKENIZER

@@ -8,6 +8,7 @@ in a pipeline config, naming the field.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from megatron_bliss.bilevel.config import BilevelConfig
@@ -41,6 +42,9 @@ class RunSection:
 class PipelinePaths:
     """The files a run reads and the directory it writes (the ``paths`` section)."""
 
+    lock_field = "run_dir"
+    """The directory a launch locks while it runs (a second launch on it is refused, naming the holder)."""
+
     run_dir: str = "runs/bliss"
     """Directory of every output and of ``manifest.json``; a rerun resumes there."""
     shards: list[str] = field(default_factory=list)
@@ -55,6 +59,12 @@ class PipelinePaths:
                              f"{cfg.run.rounds + 1} (shard 0 for the warm-up, one per round)")
         if not self.valid_prefix:
             raise ValueError("paths.valid_prefix is required (tools/prepare_validation.py writes it)")
+        named = [(f"paths.shards[{r}]", prefix) for r, prefix in enumerate(self.shards[:cfg.run.rounds + 1])]
+        for name, prefix in named + [("paths.valid_prefix", self.valid_prefix)]:
+            missing = [path for path in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(path)]
+            if missing:
+                raise ValueError(f"{name}: {' and '.join(missing)} not found (run.rounds={cfg.run.rounds} reads "
+                                 f"shards 0..{cfg.run.rounds} and the validation set)")
 
 
 @dataclass
@@ -90,6 +100,10 @@ class ScheduleSection:
         for name in ("target_warmup_steps", "proxy_warmup_steps", "target_round_steps", "eval_branch_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"steps.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.round_lr_factor:
+            raise ValueError(f"steps.round_lr_factor must be > 0, got {self.round_lr_factor}")
+        if not 0 < self.eval_branch_half_life:
+            raise ValueError(f"steps.eval_branch_half_life must be > 0, got {self.eval_branch_half_life}")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -37,6 +38,19 @@ def _data_parallel(cfg: PipelineRunConfig):
                                virtual_pipeline_model_parallel_size=None)
 
 
+_PHASE_SECTIONS = {"target": {"model": "target"},
+                   "proxy": {"model": "proxy", "proxy": "proxy", "train": "proxy_train", "optim": "proxy_optim"}}
+
+
+def _in_pipeline_terms(message: str, proxy: bool) -> str:
+    """A phase's error with its settings named as the pipeline config spells them (``proxy_train.*`` for the
+    proxy warm-up's ``train.*``; ``steps.round_lr_factor`` for the per-round ``schedule.lr_multiplier``)."""
+    sections = _PHASE_SECTIONS["proxy" if proxy else "target"]
+    message = re.sub(r"\b(model|proxy|train|optim)\.(?=[a-z_])",
+                     lambda m: sections.get(m.group(1), m.group(1)) + ".", message)
+    return message.replace("schedule.lr_multiplier", "steps.round_lr_factor ** round (schedule.lr_multiplier)")
+
+
 def _lm_flops(model: ModelConfig, steps: int, train_cfg) -> float:
     tokens = steps * train_cfg.global_batch_size * model.seq_length
     return model_flops_per_token(model) * tokens
@@ -50,44 +64,76 @@ class BlissPipeline:
         paths.check(cfg)
         self.cfg, self.paths = cfg, paths
         parallel.initialize(_data_parallel(cfg))
+        self._preflight()
         self.manifest = Manifest(paths.run_dir, manifest_hash(cfg, paths), force=cfg.run.force,
                                  writer=parallel.is_rank0())
         if parallel.is_rank0():
-            dump(cfg, os.path.join(paths.run_dir, "config.yaml"), paths=paths)
-        self.phases: list[tuple[str, Callable[[], dict]]] = self._plan()
+            # config.yaml is the configuration the run was started with; a forced change goes beside it, named by
+            # its hash (each phase's manifest entry names the hash it ran under)
+            digest = self.manifest.data["config_hash"]
+            name = "config.yaml" if digest == self.manifest.original_hash else f"config.{digest}.yaml"
+            dump(cfg, os.path.join(paths.run_dir, name), paths=paths)
+        self.phases: list[tuple[str, Callable[[], dict], list[str]]] = self._plan()
+        if parallel.is_rank0():  # every input file the run will read, hashed once and refused if it changes later
+            self.manifest.check_inputs(self._external_inputs())
 
     # ------------------------------------------------------------------------------------------------- the plan
     def _plan(self) -> list:
-        c = self.cfg
-        phases = [(phase_key(0, "warmup_subset"), self.warmup_subset),
-                  (phase_key(0, "target"), self.warmup_target),
-                  (phase_key(0, "eval"), lambda: self.eval_branch(0))]
+        """``(manifest key, phase, its input paths)`` in order; inputs are the files and checkpoint directories the
+        phase reads (the shards and the validation set from outside the run, earlier phases' outputs)."""
+        c, p0 = self.cfg, self._paths(0)
+        valid, subset0 = self._dataset_files(self.paths.valid_prefix), self._dataset_files(p0["subset"])
+        phases = [(phase_key(0, "warmup_subset"), self.warmup_subset, self._dataset_files(self.paths.shards[0])),
+                  (phase_key(0, "target"), self.warmup_target, subset0 + valid),
+                  (phase_key(0, "eval"), lambda: self.eval_branch(0), [p0["target"], *subset0, *valid])]
         if c.run.method == "bliss":
-            phases.append((phase_key(0, "proxy"), self.warmup_proxy))
+            phases.append((phase_key(0, "proxy"), self.warmup_proxy, subset0 + valid))
         for r in range(1, c.run.rounds + 1):
+            p, prev, shard = self._paths(r), self._paths(r - 1), self._dataset_files(self.paths.shards[r])
+            subset = self._dataset_files(p["subset"])
             if c.run.method == "bliss":
-                phases += [(phase_key(r, "bilevel"), lambda r=r: self.bilevel(r)),
-                           (phase_key(r, "score"), lambda r=r: self.score(r))]
-            phases += [(phase_key(r, "select"), lambda r=r: self.select(r)),
-                       (phase_key(r, "target"), lambda r=r: self.round_target(r)),
-                       (phase_key(r, "eval"), lambda r=r: self.eval_branch(r))]
+                bilevel_inputs = [*shard, *valid, p0["proxy"]]
+                bilevel_inputs += [prev["target"]] if c.bilevel.kl_coef > 0 else []
+                bilevel_inputs += [prev["score"]] if r > 1 else []
+                phases += [(phase_key(r, "bilevel"), lambda r=r: self.bilevel(r), bilevel_inputs),
+                           (phase_key(r, "score"), lambda r=r: self.score(r), [p["score"], *shard])]
+            scores = [os.path.join(p["scores"], "scores.npy")] if c.run.method == "bliss" else []
+            phases += [(phase_key(r, "select"), lambda r=r: self.select(r), scores + shard),
+                       (phase_key(r, "target"), lambda r=r: self.round_target(r), [*subset, prev["target"], *valid]),
+                       (phase_key(r, "eval"), lambda r=r: self.eval_branch(r), [p["target"], *subset, *valid])]
         return phases
+
+    def _external_inputs(self) -> list[str]:
+        """The files the run reads from outside its directory: the shards of its rounds and the validation set."""
+        files = self._dataset_files(self.paths.valid_prefix)
+        for prefix in self.paths.shards[:self.cfg.run.rounds + 1]:
+            files += self._dataset_files(prefix)
+        return files
+
+    @staticmethod
+    def _dataset_files(prefix: str) -> list[str]:
+        """The files of an indexed dataset (with a validation set's loss-mask spans)."""
+        files = [prefix + ".bin", prefix + ".idx"]
+        return files + [prefix + ".targets.npy"] if os.path.exists(prefix + ".targets.npy") else files
 
     def run(self) -> str:
         """Runs every unfinished phase; returns the report directory."""
         from megatron_bliss.pipeline.report import write_report
 
-        for key, phase in self.phases:
+        external = set(self._external_inputs())
+        for key, phase, inputs in self.phases:
             if self.manifest.is_done(key):
                 parallel.log_rank0("pipeline: %s already done", key)
                 continue
+            if parallel.is_rank0():
+                self.manifest.check_inputs([path for path in inputs if path in external])
             parallel.log_rank0("pipeline: %s", key)
             start = time.time()
             info = phase()
             parallel.barrier()
             info["seconds"] = time.time() - start
             outputs = info.pop("outputs", [])
-            self.manifest.mark_done(key, outputs=outputs, info=info)
+            self.manifest.mark_done(key, inputs=inputs, outputs=outputs, info=info)
             if parallel.is_rank0():
                 write_report([self.paths.run_dir], os.path.join(self.paths.run_dir, "report"))
         parallel.barrier()
@@ -114,21 +160,28 @@ class BlissPipeline:
 
     def warmup_target(self) -> dict:
         c, p = self.cfg, self._paths(0)
-        metrics = self._pretrain(model=c.target, prefixes=[p["subset"]], save_dir=p["target"],
-                                 total_steps=c.steps.target_warmup_steps)
+        metrics = self._pretrain(**self._training_phase("target", 0))
         return {"kind": "pretrain", "steps": c.steps.target_warmup_steps, "metrics": metrics,
-                "flops": _lm_flops(c.target, c.steps.target_warmup_steps, c.train)}
+                "flops": _lm_flops(c.target, c.steps.target_warmup_steps, c.train), "outputs": [p["target"]]}
 
     def warmup_proxy(self) -> dict:
         c, p = self.cfg, self._paths(0)
-        metrics = self._pretrain(model=c.proxy, prefixes=[p["subset"]], save_dir=p["proxy"],
-                                 total_steps=c.steps.proxy_warmup_steps, proxy=True)
+        metrics = self._pretrain(**self._training_phase("proxy", 0))
         return {"kind": "selection", "steps": c.steps.proxy_warmup_steps, "metrics": metrics,
-                "flops": _lm_flops(c.proxy, c.steps.proxy_warmup_steps, c.proxy_train)}
+                "flops": _lm_flops(c.proxy, c.steps.proxy_warmup_steps, c.proxy_train), "outputs": [p["proxy"]]}
 
     def bilevel(self, r: int) -> dict:
-        from megatron_bliss.bilevel.config import BilevelPaths, BilevelRunConfig
         from megatron_bliss.bilevel.trainer import run_bilevel
+
+        bcfg, paths = self._bilevel_config(r)
+        metrics = run_bilevel(bcfg, paths)
+        b = bcfg.bilevel
+        return {"kind": "selection", "steps": b.outer_steps, "metrics": metrics, "flops": self._bilevel_flops(b),
+                "outputs": [self._paths(r)["score"]]}
+
+    def _bilevel_config(self, r: int):
+        """``(config, paths)`` of round r's bilevel phase."""
+        from megatron_bliss.bilevel.config import BilevelPaths, BilevelRunConfig
 
         c, p, prev = self.cfg, self._paths(r), self._paths(r - 1)
         b = dataclasses.replace(c.bilevel, seed=c.parallel.seed + r)
@@ -137,9 +190,7 @@ class BlissPipeline:
                              init_score=prev["score"] if r > 1 else "", output_dir=p["bilevel"])
         bcfg = BilevelRunConfig(proxy=c.proxy, target=c.target if b.kl_coef > 0 else None,
                                 parallel=_data_parallel(c), bilevel=b)
-        metrics = run_bilevel(bcfg, paths)
-        return {"kind": "selection", "steps": b.outer_steps, "metrics": metrics, "flops": self._bilevel_flops(b),
-                "outputs": [p["score"]]}
+        return bcfg, paths
 
     def score(self, r: int) -> dict:
         from megatron_bliss.score.config import ScorePaths, ScoreRunConfig
@@ -175,25 +226,88 @@ class BlissPipeline:
 
     def round_target(self, r: int) -> dict:
         c, p = self.cfg, self._paths(r)
-        total = c.steps.target_warmup_steps + r * c.steps.target_round_steps
-        metrics = self._pretrain(model=c.target, prefixes=[p["subset"]], save_dir=p["target"],
-                                 total_steps=total, lr_multiplier=c.steps.round_lr_factor ** r,
-                                 load=self._paths(r - 1)["target"])
+        metrics = self._pretrain(**self._training_phase("target", r))
         return {"kind": "pretrain", "steps": c.steps.target_round_steps, "metrics": metrics,
-                "flops": _lm_flops(c.target, c.steps.target_round_steps, c.train)}
+                "flops": _lm_flops(c.target, c.steps.target_round_steps, c.train), "outputs": [p["target"]]}
 
     def eval_branch(self, r: int) -> dict:
         c, p = self.cfg, self._paths(r)
-        prefixes = [p["subset"]]
-        metrics = self._pretrain(model=c.target, prefixes=prefixes, save_dir=p["eval"], total_steps=0,
-                                 lr_multiplier=c.steps.round_lr_factor ** r, branch_from=p["target"])
+        metrics = self._pretrain(**self._training_phase("eval", r))
         return {"kind": "eval", "steps": c.steps.eval_branch_steps, "val_loss": metrics.get("val_loss"),
-                "flops": _lm_flops(c.target, c.steps.eval_branch_steps, c.train)}
+                "flops": _lm_flops(c.target, c.steps.eval_branch_steps, c.train), "outputs": [p["eval"]]}
+
+    # ------------------------------------------------------------------------------------------------- checks
+    def _preflight(self) -> None:
+        """Builds every phase's configuration as the phase will and checks it, with the data, before any phase
+        runs: a setting that would fail hours in (a batch that does not divide over the ranks, a shard too small
+        for ``selection.top_k``, data from another tokenizer) fails now, naming the pipeline setting."""
+        from megatron_bliss.data.provenance import check_datasets
+        from megatron_bliss.pretrain.data import open_sequences
+        from megatron_bliss.score.config import ScoreRunConfig
+
+        c, world = self.cfg, parallel.world_size()
+        rounds = range(c.run.rounds + 1)
+        datasets = {f"paths.shards[{r}]": self.paths.shards[r] for r in rounds}
+        check_datasets({**datasets, "paths.valid_prefix": self.paths.valid_prefix}, c.target.vocab_size,
+                       "target.vocab_size")
+        sizes = [len(open_sequences(self.paths.shards[r], c.target.seq_length + 1)) for r in rounds]
+        for r in rounds[1:]:
+            k = c.selection.top_k if c.selection.top_k is not None else round(c.selection.fraction * sizes[r])
+            if not 1 <= k <= sizes[r]:
+                raise ValueError(f"selection keeps {k} of the {sizes[r]} sequences of paths.shards[{r}] "
+                                 f"({self.paths.shards[r]}): set selection.top_k (or selection.fraction) to keep "
+                                 f"between 1 and {sizes[r]}")
+        phases = [("round0/target", "target", 0)] + [(f"round{r}/eval", "eval", r) for r in rounds]
+        phases += [(f"round{r}/target", "target", r) for r in rounds[1:]]
+        if c.run.method == "bliss":
+            phases.append(("round0/proxy", "proxy", 0))
+        for key, phase, r in phases:
+            try:
+                run, _ = self._pretrain_config(**self._training_phase(phase, r))
+                run.validate(world)
+            except ValueError as exc:
+                raise ValueError(_in_pipeline_terms(f"{key}: {exc}", proxy=phase == "proxy")) from None
+        if c.run.method == "bliss":
+            for r in rounds[1:]:
+                try:
+                    self._bilevel_config(r)[0].validate()
+                except ValueError as exc:
+                    raise ValueError(_in_pipeline_terms(f"round{r}/bilevel: {exc}", proxy=True)) from None
+            try:
+                ScoreRunConfig(model=c.proxy, parallel=_data_parallel(c), scoring=c.scoring).validate()
+            except ValueError as exc:
+                raise ValueError(_in_pipeline_terms(f"round1/score: {exc}", proxy=True)) from None
 
     # ------------------------------------------------------------------------------------------------- helpers
-    def _pretrain(self, *, model: ModelConfig, prefixes, save_dir: str, total_steps: int, lr_multiplier: float = 1.0,
-                  load: str | None = None, branch_from: str | None = None, proxy: bool = False) -> dict:
-        """Runs one target (or proxy warm-up) pretraining phase; returns its last metrics."""
+    def _training_phase(self, phase: str, r: int) -> dict:
+        """Arguments of :meth:`_pretrain_config` for a pretraining phase: ``target`` (round 0: the warm-up),
+        ``proxy`` (the warm-up proxy) or ``eval`` (round r's evaluation branch)."""
+        c, p = self.cfg, self._paths(r)
+        if phase == "proxy":
+            return {"model": c.proxy, "prefixes": [p["subset"]], "save_dir": p["proxy"],
+                    "total_steps": c.steps.proxy_warmup_steps, "proxy": True}
+        multiplier = c.steps.round_lr_factor ** r
+        if phase == "eval":
+            return {"model": c.target, "prefixes": [p["subset"]], "save_dir": p["eval"], "total_steps": 0,
+                    "lr_multiplier": multiplier, "branch_from": p["target"]}
+        if r == 0:
+            return {"model": c.target, "prefixes": [p["subset"]], "save_dir": p["target"],
+                    "total_steps": c.steps.target_warmup_steps}
+        return {"model": c.target, "prefixes": [p["subset"]], "save_dir": p["target"],
+                "total_steps": c.steps.target_warmup_steps + r * c.steps.target_round_steps,
+                "lr_multiplier": multiplier, "load": self._paths(r - 1)["target"]}
+
+    def _pretrain(self, **kwargs) -> dict:
+        """Runs one target (or proxy warm-up) pretraining phase (:meth:`_pretrain_config`); returns its last
+        metrics."""
+        from megatron_bliss.pretrain.trainer import run_pretrain
+
+        return run_pretrain(*self._pretrain_config(**kwargs))
+
+    def _pretrain_config(self, *, model: ModelConfig, prefixes, save_dir: str, total_steps: int,
+                         lr_multiplier: float = 1.0, load: str | None = None, branch_from: str | None = None,
+                         proxy: bool = False):
+        """``(config, paths)`` of one target (or proxy warm-up) pretraining phase."""
         from megatron_bliss.pretrain.config import (
             BranchConfig,
             CheckpointConfig,
@@ -202,7 +316,6 @@ class BlissPipeline:
             PretrainRunConfig,
         )
         from megatron_bliss.pretrain.data import PretrainDataConfig
-        from megatron_bliss.pretrain.trainer import run_pretrain
 
         cfg = self.cfg
         train = cfg.proxy_train if proxy else cfg.train
@@ -225,7 +338,7 @@ class BlissPipeline:
         )
         paths = PretrainPaths(train_prefixes=list(prefixes), valid_prefix=self.paths.valid_prefix, save_dir=save_dir,
                               load=load, branch_from=branch_from)
-        return run_pretrain(run, paths)
+        return run, paths
 
     def _bilevel_flops(self, b) -> float:
         """Estimated FLOPs of a bilevel round, in proxy fwd+bwd units per outer step: inner steps, the validation

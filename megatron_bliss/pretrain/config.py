@@ -148,6 +148,9 @@ class LoggingConfig:
 class PretrainPaths:
     """The files a pretraining run reads and writes (the ``paths`` section; the pipeline sets them per phase)."""
 
+    lock_field = "save_dir"
+    """The directory a launch locks while it runs (a second launch on it is refused, naming the holder)."""
+
     train_prefixes: list[str] = field(default_factory=list)
     """Sequences-mode indexed-dataset prefixes (``PREFIX.bin/.idx``) to train on (blended by data.train_weights)."""
     valid_prefix: str | None = None
@@ -180,9 +183,14 @@ class PretrainPaths:
         if weights is not None and len(weights) != len(self.train_prefixes):
             raise ValueError(f"data.train_weights has {len(weights)} entries but paths.train_prefixes has "
                              f"{len(self.train_prefixes)}")
+        from megatron_bliss.data.provenance import check_datasets
+
         for prefix in self.train_prefixes:
             if exists(prefix):  # missing files are reported when the run opens them
                 open_sequences(prefix, cfg.model.seq_length + 1)
+        datasets = {f"paths.train_prefixes[{i}]": prefix for i, prefix in enumerate(self.train_prefixes)}
+        check_datasets({**datasets, "paths.valid_prefix": self.valid_prefix or ""}, cfg.model.vocab_size,
+                       "model.vocab_size")
         if self.branch_from is None:
             return
         if self.save_dir is None:

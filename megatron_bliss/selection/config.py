@@ -26,5 +26,7 @@ class SelectionConfig:
             raise ValueError(f"selection.method must be top|gumbel|random, got {self.method!r}")
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"selection.fraction must be in (0, 1], got {self.fraction}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"selection.top_k must be >= 1 (or null to keep selection.fraction), got {self.top_k}")
         if self.temperature <= 0:
             raise ValueError(f"selection.temperature must be > 0, got {self.temperature}")
