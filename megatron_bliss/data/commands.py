@@ -4,7 +4,8 @@ This module owns argument parsing and logging set-up only. Every tool's flags ar
 dataclass in :mod:`megatron_bliss.data.config` by :func:`add_config_arguments` (names, types, defaults and help come
 from the fields and their docstrings), and every command delegates to a library function of ``megatron_bliss.data``
 that can be called directly. Each ``*_main(argv)`` returns a process exit code; bad input or settings end with a
-one-line error naming the file, line or setting (exit code 2), never a traceback.
+one-line error naming the file, line or setting (exit code 2), and a file that cannot be written (a full disk) one
+naming that file (exit code 1), never a traceback.
 """
 
 from __future__ import annotations
@@ -35,12 +36,16 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def run_command(fn, *args, **kwargs) -> int:
-    """Calls ``fn``; a bad input or setting (it names the file, line or setting) is logged and gives exit code 2."""
+    """Calls ``fn``; a bad input or setting (it names the file, line or setting), or an output that is there already,
+    is logged and gives exit code 2; a file that cannot be read or written (it is named) gives exit code 1."""
     try:
         fn(*args, **kwargs)
-    except (DataFormatError, FileNotFoundError, ValueError) as exc:
+    except (DataFormatError, FileNotFoundError, FileExistsError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
+    except OSError as exc:
+        logger.error("%s", exc)
+        return 1
     return 0
 
 
@@ -202,7 +207,7 @@ def prepare_validation_main(argv: list[str] | None = None) -> int:
     setup_logging()
     return run_command(prepare_validation, cfg.input, cfg.output_prefix, cfg.tokenizer_model, fmt=cfg.format,
                        json_key=cfg.json_key, context_key=cfg.context_key, continuation_key=cfg.continuation_key,
-                       max_length=cfg.max_length, strict=cfg.strict)
+                       max_length=cfg.max_length, strict=cfg.strict, overwrite=cfg.overwrite)
 
 
 def select_subset_main(argv: list[str] | None = None) -> int:
@@ -212,8 +217,10 @@ def select_subset_main(argv: list[str] | None = None) -> int:
 
     cfg = parse_config(SubsetConfig, argv, "Write the top-k / top-fraction / random subset of an indexed dataset.")
     setup_logging()
-    return run_command(write_subset, cfg.data_prefix, cfg.scores or cfg.indices, cfg.output_prefix,
-                       fraction=cfg.fraction, top_k=cfg.top_k, method=cfg.method, seed=cfg.seed)
+    kind = "indices" if cfg.indices is not None else "scores" if cfg.scores is not None else None
+    return run_command(write_subset, cfg.data_prefix, cfg.indices or cfg.scores, cfg.output_prefix, kind=kind,
+                       fraction=cfg.fraction, top_k=cfg.top_k, method=cfg.method, seed=cfg.seed,
+                       overwrite=cfg.overwrite)
 
 
 def inspect_main(argv: list[str] | None = None) -> int:

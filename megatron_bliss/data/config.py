@@ -74,6 +74,11 @@ class DataConfig:
     progress: bool = True
     """Show a progress bar (docs/s, MB/s) on stderr."""
 
+    overwrite: bool = False
+    """Replace an existing output at the prefix made with other settings or inputs (one with the same settings and
+    inputs is kept as it is). The old files stay until the new output is complete; then its stale files (extra
+    shards, a ``.targets.npy``) are removed."""
+
     def __post_init__(self) -> None:
         if isinstance(self.input, str):
             self.input = [self.input]
@@ -153,6 +158,10 @@ class ValidationSetConfig:
     strict: bool = False
     """Stop at the first bad input line with an error naming ``file:line`` instead of skipping and counting it."""
 
+    overwrite: bool = False
+    """Replace an existing output at the prefix made from another input, tokenizer or settings (one made the same
+    way is kept as it is). The old files stay until the new set is complete; then its stale files are removed."""
+
     def __post_init__(self) -> None:
         if self.format not in VALIDATION_FORMATS:
             raise ValueError(f"format must be one of {VALIDATION_FORMATS}, got {self.format!r}")
@@ -169,16 +178,18 @@ class SubsetConfig:
     """Output prefix: writes ``OUT.bin/.idx``, ``OUT.indices.npy``, ``OUT.scores.npy`` and ``OUT.subset.json``."""
 
     scores: str | None = None
-    """``.npy`` of float scores, one per source sequence: the highest are kept."""
+    """``.npy`` of numeric scores, a 1-D array of one per source sequence (integers are scores too; booleans and NaN
+    are refused): the highest are kept."""
 
     indices: str | None = None
-    """``.npy`` of integer source indices to keep as they are (instead of scores)."""
+    """``.npy`` of a 1-D integer array of distinct source indices in ``[0, N)`` to keep as they are (instead of
+    scores)."""
 
     fraction: float = field(default=0.2, metadata={"exclusive": "size"})
-    """Fraction of the sequences to keep (``round(fraction * N)``, at least 1)."""
+    """Fraction of the sequences to keep, in (0, 1] (``round(fraction * N)``, at least 1)."""
 
     top_k: int | None = field(default=None, metadata={"exclusive": "size"})
-    """Number of sequences to keep (instead of a fraction)."""
+    """Number of sequences to keep, 1..N (instead of a fraction)."""
 
     method: str = field(default="top", metadata={"choices": SUBSET_METHODS})
     """``top``: the highest scores, ties to the lower index; ``random``: a seeded uniform sample (no scores
@@ -186,6 +197,10 @@ class SubsetConfig:
 
     seed: int = 0
     """Seed of ``random``."""
+
+    overwrite: bool = False
+    """Replace an existing subset at the output prefix that differs from this one (an identical one is kept as it
+    is). The old files stay until the new subset is complete. The source itself is never overwritten."""
 
     def __post_init__(self) -> None:
         if self.method not in SUBSET_METHODS:
@@ -195,7 +210,9 @@ class SubsetConfig:
         if self.method == "top" and self.scores is None and self.indices is None:
             raise ValueError("method 'top' needs scores (--scores) or indices (--indices)")
         if not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"--top-k must be at least 1 (and at most the source's sequences), got {self.top_k}")
 
 
 @dataclass

@@ -10,8 +10,12 @@ This module owns the two stages and the manifest:
    mode document ``d`` goes to shard ``d % shards``, one entry per document, as megatron-core's ``GPTDataset`` wants.
 
 Outputs are ``PREFIX.bin/.idx`` for one shard, else ``PREFIX_shard{K}.bin/.idx``, then ``PREFIX.manifest.json``,
-each written under a temporary name and renamed when complete (the manifest last). A rerun with the same settings
-finds the manifest and does nothing; after a kill it reuses every finished part. Nothing here imports torch.
+all written under temporary names and renamed in together when complete (the manifest last). A rerun with the same
+settings finds the manifest and does nothing; after a kill it reuses every finished part. An existing output with
+another fingerprint (or output files without a manifest) is refused unless ``overwrite`` is set; then the old files
+stay until the new output is complete, and its stale ones (extra shards, a ``.targets.npy``) are removed after. Inputs
+that make no document, or fewer sequences (documents) than shards, are an error before any shard is written.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -25,7 +29,13 @@ import time
 import numpy as np
 
 from megatron_bliss.data.config import DataConfig
-from megatron_bliss.data.indexed import IndexedWriter, dtype_for_vocab, exists, replace_atomic
+from megatron_bliss.data.indexed import (
+    StagedOutput,
+    check_output_prefix,
+    dtype_for_vocab,
+    exists,
+    output_files,
+)
 from megatron_bliss.data.parts import Part, import_parquet_file, load_part, part_name, tokenize_json_files
 from megatron_bliss.data.sources import expand_inputs, input_kind, new_skip_counts
 
@@ -85,14 +95,25 @@ def _part_paths(parts_dir: str, part: Part) -> tuple[str, str]:
     return base + ".bin", base + ".len"
 
 
-def write_shards(parts: list[Part], parts_dir: str, cfg: DataConfig, dtype: np.dtype) -> dict:
+def write_shards(parts: list[Part], parts_dir: str, cfg: DataConfig, dtype: np.dtype,
+                 staged: StagedOutput | None = None) -> dict:
     """Deals the parts' documents or sequences round-robin into ``cfg.shards`` indexed datasets.
+
+    Args:
+        parts: the finished parts, in input order.
+        parts_dir: where they are.
+        cfg: the settings.
+        dtype: token dtype.
+        staged: when given, the shards are staged in it (renamed in by its ``commit``); else each is renamed into
+            place when complete.
 
     Returns:
         ``{"shards": [{"prefix", "sequences", "tokens"}...], "dropped_tail_tokens": n}``.
     """
     prefixes = shard_prefixes(cfg.output_prefix, cfg.shards)
-    writers = [IndexedWriter(p, dtype) for p in prefixes]
+    own = staged is None
+    staged = StagedOutput() if own else staged
+    writers = [staged.writer(p, dtype) for p in prefixes]
     n, length, carry, index = cfg.shards, cfg.tokens_per_sequence, np.zeros(0, dtype), 0
     try:
         for part in parts:
@@ -125,20 +146,19 @@ def write_shards(parts: list[Part], parts_dir: str, cfg: DataConfig, dtype: np.d
             del tokens
         shards = []
         for prefix, writer in zip(prefixes, writers):
-            sequences, tokens_written = writer.finalize()
-            if not sequences:
-                logger.warning("%s: shard is empty (fewer sequences than shards)", prefix)
+            sequences, tokens_written = writer.finalize(commit=False)
             shards.append({"prefix": os.path.basename(prefix), "sequences": sequences, "tokens": tokens_written})
+        if own:
+            staged.commit()
     except BaseException:
-        for writer in writers:
-            writer.abort()
+        staged.abort()
         raise
     return {"shards": shards, "dropped_tail_tokens": int(carry.size) if cfg.mode == "sequences" else 0}
 
 
 def _fingerprint(cfg: DataConfig, files: list[str], tokenizer_sha: str | None) -> dict:
     """The settings that determine the output bytes (a manifest with another fingerprint is redone)."""
-    skip = {"workers", "progress", "keep_parts", "chunk_bytes", "input", "output_prefix"}
+    skip = {"workers", "progress", "keep_parts", "chunk_bytes", "input", "output_prefix", "overwrite"}
     settings = {k: v for k, v in cfg.to_dict().items() if k not in skip}
     inputs = [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
     fingerprint = {"settings": settings, "inputs": inputs, "tokenizer_sha256": tokenizer_sha}
@@ -161,8 +181,7 @@ def preprocess(cfg: DataConfig) -> dict:
     from megatron_bliss.data.tokenizer import build_tokenizer, tokenizer_info
 
     t_start = time.perf_counter()
-    if not cfg.output_prefix:
-        raise ValueError("--output-prefix is required")
+    check_output_prefix(cfg.output_prefix)
     files = expand_inputs(cfg.input)
     kinds = {input_kind(f) for f in files}
     if len(kinds) > 1:
@@ -176,13 +195,18 @@ def preprocess(cfg: DataConfig) -> dict:
     dtype = np.dtype(dtype_for_vocab(vocab))
     prefixes = shard_prefixes(cfg.output_prefix, cfg.shards)
     fingerprint = _fingerprint(cfg, files, tok["sha256"] if tok else None)
-    if os.path.exists(manifest_path(cfg.output_prefix)) and all(exists(p) for p in prefixes):
-        manifest = load_manifest(cfg.output_prefix)
-        if manifest.get("fingerprint") == fingerprint:
+    old_files = output_files(cfg.output_prefix)
+    if old_files:
+        old = _read_manifest(cfg.output_prefix)
+        if old is not None and old.get("fingerprint") == fingerprint and all(exists(p) for p in prefixes):
             logger.info("%s: already complete with these settings; nothing to do", manifest_path(cfg.output_prefix))
-            return manifest
-        logger.warning("%s exists with other settings or inputs: redoing it", manifest_path(cfg.output_prefix))
-        os.remove(manifest_path(cfg.output_prefix))  # until the redo completes, nothing may look finished
+            return old
+        difference = _difference(cfg.output_prefix, old, fingerprint, old_files)
+        if not cfg.overwrite:
+            raise FileExistsError(f"{cfg.output_prefix}: an output exists there ({difference}); pass --overwrite "
+                                  "(overwrite=True) to replace it, or choose another --output-prefix")
+        logger.warning("%s: replacing the existing output (%s) once the new one is complete", cfg.output_prefix,
+                       difference)
     parts_dir = cfg.output_prefix + ".parts"
     settings = _settings(cfg, tok["sha256"] if tok else None, dtype, parquet)
     parts: dict[str, Part] = {}
@@ -205,18 +229,79 @@ def preprocess(cfg: DataConfig) -> dict:
         progress.close()
     t_tok = time.perf_counter() - t_tok
     ordered = [parts[f] for f in files]
-    written = write_shards(ordered, parts_dir, cfg, dtype)
-    manifest = _manifest(cfg, ordered, written, tok, vocab, dtype, fingerprint)
-    manifest["run"] = {"workers": cfg.workers, "seconds": round(time.perf_counter() - t_start, 3),
-                       "tokenize_seconds": round(t_tok, 3), "inputs_tokenized": len(todo)}
-    tmp = manifest_path(cfg.output_prefix) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    replace_atomic(tmp, manifest_path(cfg.output_prefix))
+    _check_enough(cfg, ordered, files)
+    staged = StagedOutput()
+    try:
+        written = write_shards(ordered, parts_dir, cfg, dtype, staged)
+        manifest = _manifest(cfg, ordered, written, tok, vocab, dtype, fingerprint)
+        manifest["run"] = {"workers": cfg.workers, "seconds": round(time.perf_counter() - t_start, 3),
+                           "tokenize_seconds": round(t_tok, 3), "inputs_tokenized": len(todo)}
+        staged.write(manifest_path(cfg.output_prefix), lambda f: json.dump(manifest, f, indent=1), "w")
+        staged.commit(stale=old_files)
+    except BaseException:
+        staged.abort()
+        raise
     if not cfg.keep_parts:
         shutil.rmtree(parts_dir, ignore_errors=True)
     _log_summary(manifest)
     return manifest
+
+
+def _read_manifest(output_prefix: str) -> dict | None:
+    """The manifest at ``output_prefix``, or None when there is none or it does not parse."""
+    try:
+        return load_manifest(output_prefix)
+    except (OSError, ValueError):
+        return None
+
+
+def _difference(output_prefix: str, old: dict | None, fingerprint: dict, old_files: list[str]) -> str:
+    """What differs between the output at ``output_prefix`` and the one asked for, in a few words."""
+    if old is None:
+        names = ", ".join(os.path.basename(p) for p in old_files[:4]) + (", ..." if len(old_files) > 4 else "")
+        return f"files without a manifest: {names}"
+    theirs = old.get("fingerprint")
+    if not isinstance(theirs, dict):
+        return f"{os.path.basename(manifest_path(output_prefix))} is not a preprocessing manifest " \
+               f"(format {old.get('format')!r})"
+    what = []
+    old_settings, new_settings = theirs.get("settings", {}), fingerprint["settings"]
+    for key in sorted(set(old_settings) | set(new_settings)):
+        if old_settings.get(key) != new_settings.get(key):
+            what.append(f"{key} {old_settings.get(key)!r} -> {new_settings.get(key)!r}")
+    if theirs.get("inputs") != fingerprint["inputs"]:
+        what.append("the inputs (paths, sizes or modification times)")
+    if theirs.get("tokenizer_sha256") != fingerprint["tokenizer_sha256"]:
+        what.append("the tokenizer")
+    return "other " + "; ".join(what) if what else "shard files are missing"
+
+
+def _check_enough(cfg: DataConfig, parts: list[Part], files: list[str]) -> None:
+    """Refuses inputs that make no document, or too few sequences (documents) to give every shard one.
+
+    Raises:
+        ValueError: saying how many documents and tokens there were and what was needed.
+    """
+    documents, tokens = sum(p.documents for p in parts), sum(p.tokens for p in parts)
+    lines = sum(p.lines for p in parts)
+    where = files[0] if len(files) == 1 else f"{len(files)} inputs"
+    if documents == 0:
+        skipped: dict[str, int] = {}
+        for part in parts:
+            for reason, count in part.skipped.items():
+                skipped[reason] = skipped.get(reason, 0) + count
+        why = ", ".join(f"{k}={v}" for k, v in skipped.items() if v) or "none"
+        raise ValueError(f"{where}: 0 documents in {lines} input lines (skipped: {why}); at least "
+                         f"{cfg.shards} needed; nothing was written")
+    if cfg.mode == "sequences":
+        sequences = tokens // cfg.tokens_per_sequence
+        if sequences < cfg.shards:
+            raise ValueError(f"{where}: {documents} documents make {tokens} tokens, {sequences} sequences of "
+                             f"--tokens-per-sequence {cfg.tokens_per_sequence}; --shards {cfg.shards} needs at least "
+                             f"{cfg.shards * cfg.tokens_per_sequence} tokens; nothing was written")
+    elif documents < cfg.shards:
+        raise ValueError(f"{where}: {documents} documents; --shards {cfg.shards} needs at least {cfg.shards}; "
+                         "nothing was written")
 
 
 def _manifest(cfg: DataConfig, parts: list[Part], written: dict, tok: dict | None, vocab: int | None,

@@ -3,7 +3,10 @@
 This module owns building and loading them. On disk, ``PREFIX.bin/.idx`` is an indexed dataset with one entry
 per example (context tokens then target tokens, no EOD), and ``PREFIX.targets.npy`` is an ``int64 [N, 2]`` array
 of ``(start, end)`` token positions of each example's target inside its entry: the loss mask is 1 exactly on
-``start <= t < end``. ``PREFIX.manifest.json`` records the input, its checksum, the tokenizer and the counts.
+``start <= t < end``. ``PREFIX.manifest.json`` records the input, its checksum, the tokenizer, the counts and a
+fingerprint (input size and mtime, tokenizer checksum, settings): a rerun with the same fingerprint does nothing, an
+existing output with another one is refused unless ``overwrite`` is set, and all files are written under temporary
+names and renamed in together (the manifest last), the stale files of a replaced output removed only after.
 
 Target tokens are found by tokenizing the whole text and the context alone: when the whole text's tokens start
 with the context's, the rest is the target; otherwise (a token merged across the boundary) the example is
@@ -23,7 +26,14 @@ import os
 
 import numpy as np
 
-from megatron_bliss.data.indexed import IndexedWriter, dtype_for_vocab, file_sha256, replace_atomic
+from megatron_bliss.data.indexed import (
+    StagedOutput,
+    check_output_prefix,
+    data_paths,
+    dtype_for_vocab,
+    file_sha256,
+    output_files,
+)
 from megatron_bliss.data.sources import DataFormatError, ReadStatus, new_skip_counts, read_line_chunks
 
 logger = logging.getLogger(__name__)
@@ -92,7 +102,7 @@ def _iter_examples(path: str, fmt: str, json_key: str, context_key: str, continu
 
 def prepare_validation(input_path: str, out_prefix: str, tokenizer_model: str, *, fmt: str = "lambada",
                        json_key: str = "text", context_key: str = "context", continuation_key: str = "continuation",
-                       max_length: int | None = None, strict: bool = False) -> dict:
+                       max_length: int | None = None, strict: bool = False, overwrite: bool = False) -> dict:
     """Builds ``OUT.bin/.idx`` + ``OUT.targets.npy`` + ``OUT.manifest.json`` from JSON lines.
 
     Args:
@@ -105,17 +115,45 @@ def prepare_validation(input_path: str, out_prefix: str, tokenizer_model: str, *
         continuation_key: pairs: continuation field.
         max_length: drop context tokens from the left so an example has at most this many tokens.
         strict: stop at the first bad line.
+        overwrite: replace an existing output at ``out_prefix`` made another way (one made the same way is kept
+            as it is and its manifest returned).
 
     Returns:
         The manifest.
+
+    Raises:
+        ValueError: bad settings, an output prefix that is a directory, no usable example. FileExistsError: another
+            output at ``out_prefix``, without ``overwrite``. DataFormatError: strict mode, the first bad line.
     """
     from megatron_bliss.data.tokenizer import build_tokenizer, tokenizer_info
 
     if fmt not in ("lambada", "pairs"):
         raise ValueError(f"format must be 'lambada' or 'pairs', got {fmt!r}")
+    check_output_prefix(out_prefix)
+    if not os.path.isfile(input_path):
+        raise FileNotFoundError(f"{input_path}: no such file (--input)")
     tokenizer = build_tokenizer(tokenizer_model)
+    info = tokenizer_info(tokenizer)
+    stat = os.stat(input_path)
+    fingerprint = {"input": [os.path.abspath(input_path), stat.st_size, stat.st_mtime_ns],
+                   "tokenizer_sha256": info["sha256"],
+                   "settings": {"format": fmt, "json_key": json_key, "context_key": context_key,
+                                "continuation_key": continuation_key, "max_length": max_length, "strict": strict}}
+    old_files = output_files(out_prefix)
+    if old_files:
+        old = _read_json(out_prefix + ".manifest.json")
+        complete = all(os.path.exists(p) for p in (*data_paths(out_prefix), out_prefix + ".targets.npy"))
+        if old is not None and old.get("fingerprint") == fingerprint and complete:
+            logger.info("%s: already complete from this input and settings; nothing to do", out_prefix)
+            return old
+        difference = _difference(old, fingerprint, old_files)
+        if not overwrite:
+            raise FileExistsError(f"{out_prefix}: an output exists there ({difference}); pass --overwrite "
+                                  "(overwrite=True) to replace it, or choose another --output-prefix")
+        logger.warning("%s: replacing the existing output (%s) once the new set is complete", out_prefix, difference)
     dtype = dtype_for_vocab(tokenizer.vocab_size)
-    writer = IndexedWriter(out_prefix, dtype)
+    staged = StagedOutput()
+    writer = staged.writer(out_prefix, dtype)
     spans, skipped = [], new_skip_counts()
     try:
         for context, continuation in _iter_examples(input_path, fmt, json_key, context_key, continuation_key,
@@ -128,23 +166,53 @@ def prepare_validation(input_path: str, out_prefix: str, tokenizer_model: str, *
                 tokens, start = tokens[cut:], start - cut
             writer.add(np.asarray(tokens), np.array([len(tokens)]))
             spans.append((start, len(tokens)))
-        writer.finalize()
+        if not spans:
+            why = ", ".join(f"{k}={v}" for k, v in skipped.items() if v) or "no lines"
+            raise ValueError(f"{input_path}: 0 usable examples (skipped: {why}); at least 1 needed; nothing was "
+                             "written")
+        writer.finalize(commit=False)
+        targets = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+        staged.write(out_prefix + ".targets.npy", lambda f: np.save(f, targets))
+        manifest = {"format": "megatron_bliss.validation/1", "input": {"path": input_path,
+                    "sha256": file_sha256(input_path), "format": fmt}, "tokenizer": info,
+                    "examples": len(spans), "target_tokens": int(sum(e - s for s, e in spans)), "skipped": skipped,
+                    "loss_mask": "targets.npy holds (start, end) per example; mask = 1 on start <= t < end",
+                    "fingerprint": fingerprint}
+        staged.write(out_prefix + ".manifest.json", lambda f: json.dump(manifest, f, indent=1), "w")
+        staged.commit(stale=old_files)
     except BaseException:
-        writer.abort()
+        staged.abort()
         raise
-    with open(out_prefix + ".targets.npy.tmp", "wb") as f:
-        np.save(f, np.asarray(spans, dtype=np.int64).reshape(-1, 2))
-    replace_atomic(out_prefix + ".targets.npy.tmp", out_prefix + ".targets.npy")
-    manifest = {"format": "megatron_bliss.validation/1", "input": {"path": input_path,
-                "sha256": file_sha256(input_path), "format": fmt}, "tokenizer": tokenizer_info(tokenizer),
-                "examples": len(spans), "target_tokens": int(sum(e - s for s, e in spans)), "skipped": skipped,
-                "loss_mask": "targets.npy holds (start, end) per example; mask = 1 on start <= t < end"}
-    with open(out_prefix + ".manifest.json.tmp", "w") as f:
-        json.dump(manifest, f, indent=1)
-    replace_atomic(out_prefix + ".manifest.json.tmp", out_prefix + ".manifest.json")
     logger.info("%s: %d examples, %d target tokens; skipped %s", out_prefix, len(spans), manifest["target_tokens"],
                 {k: v for k, v in skipped.items() if v} or "none")
     return manifest
+
+
+def _read_json(path: str) -> dict | None:
+    """The JSON object in ``path``, or None when there is none or it does not parse."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _difference(old: dict | None, fingerprint: dict, old_files: list[str]) -> str:
+    """What differs between an existing output (its manifest ``old``) and the set asked for, in a few words."""
+    if old is None:
+        names = ", ".join(os.path.basename(p) for p in old_files[:4]) + (", ..." if len(old_files) > 4 else "")
+        return f"files without a manifest: {names}"
+    theirs = old.get("fingerprint")
+    if old.get("format") != "megatron_bliss.validation/1" or not isinstance(theirs, dict):
+        return f"a manifest of format {old.get('format')!r} without a validation-set fingerprint"
+    what = [f"{key} {theirs.get('settings', {}).get(key)!r} -> {value!r}"
+            for key, value in fingerprint["settings"].items() if theirs.get("settings", {}).get(key) != value]
+    if theirs.get("input") != fingerprint["input"]:
+        what.append("the input (path, size or modification time)")
+    if theirs.get("tokenizer_sha256") != fingerprint["tokenizer_sha256"]:
+        what.append("the tokenizer")
+    return "other " + "; ".join(what) if what else "files are missing"
 
 
 def load_validation_set(prefix: str, pad_id: int = 0, max_length: int | None = None

@@ -100,7 +100,8 @@ def test_rerun_skips_finished_work(tmp_path, sample_files, tokenizer_path, caplo
         second, _ = _run(tmp_path, sample_files, tokenizer_path, tokens_per_sequence=128)
     assert "already complete" in caplog.text and second == first
     assert open(prefix + ".bin", "rb").read() == before
-    third, _ = _run(tmp_path, sample_files, tokenizer_path, tokens_per_sequence=64)  # other settings: redone
+    third, _ = _run(tmp_path, sample_files, tokenizer_path, tokens_per_sequence=64,
+                    overwrite=True)  # other settings: redone when asked to overwrite
     assert third["tokens_per_sequence"] == 64 and len(read_sequences(prefix)[0]) == 64
 
 
