@@ -10,15 +10,29 @@ any object with ``state_dict``/``load_state_dict`` (its state goes to ``common``
 and small tensors).
 
 Writes go to ``<dir>.tmp``, which rank 0 renames once every rank is done, then the marker is replaced; a run killed
-at any instant leaves either the old or the new checkpoint. Checkpoints are trusted input: loading one unpickles
-its ``common`` part and torch's checkpoint metadata, so load only checkpoints you or your team wrote.
+at any instant leaves either the old or the new checkpoint.
+
+What loading parses, and how. Three of a checkpoint's files are pickles: :func:`load` reads each without running
+code from it. ``.metadata`` (torch's distributed-checkpoint index) goes through an unpickler that builds only torch's
+checkpoint-metadata classes, ``torch.Size``, dtypes and layouts; ``common.pt`` and the non-tensor items stored in the
+``*.distcp`` files are read with ``torch.load(weights_only=True)`` (tensors and plain Python data only, whatever the
+torch version's default); torch reads the tensor items of ``*.distcp`` with ``weights_only=True`` itself.
+``bliss_checkpoint.json``, megatron-core's ``metadata.json`` and the latest marker are JSON or text. A file that would
+build anything else is refused with a :class:`CheckpointError` naming it, before anything in it runs; a truncated or
+corrupt file is a :class:`CheckpointError` too. This covers the reads of :func:`load` and its callers only: other
+megatron-core or torch entry points (e.g. ``dist_checkpointing.load_common_state_dict``, torch's
+``FileSystemReader``) still unpickle freely, and the safety of ``torch.load(weights_only=True)`` is torch's. Treat a
+checkpoint from a stranger as untrusted data that these loaders parse, not as a file to open with other tools.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import logging
 import os
+import pickle
 import queue
 import random
 import shutil
@@ -40,7 +54,8 @@ DISTOPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or does not match what should be loaded into."""
+    """A checkpoint is missing, incomplete, damaged or unsafe to load, or does not match what should be loaded
+    into."""
 
 
 # ------------------------------------------------------------------------------------------------------- states
@@ -251,6 +266,174 @@ def _is_sharded(state) -> bool:
     return hasattr(state, "sharded_state_dict")
 
 
+# ------------------------------------------------------------------------------------------------ safe reading
+DCP_METADATA_FILE = ".metadata"
+COMMON_FILE = "common.pt"
+_DCP = "torch.distributed.checkpoint"
+_METADATA_GLOBALS = {
+    f"{_DCP}.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                         "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    f"{_DCP}.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"},
+    f"{_DCP}.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+}
+"""What torch's checkpoint index may build (besides ``torch`` dtypes): its metadata dataclasses and enums."""
+
+
+def _damaged(path: str, name: str, exc: BaseException) -> CheckpointError:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return CheckpointError(f"checkpoint {path} is damaged: {name} could not be read "
+                           f"({type(exc).__name__}{': ' + detail if detail else ''})")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds torch's checkpoint metadata and nothing else: any other global is refused before it is called."""
+
+    def find_class(self, module: str, name: str):
+        value = super().find_class(module, name) if name in _METADATA_GLOBALS.get(module, ()) else None
+        if value is None and module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            value = getattr(torch, name)
+        if value is None:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return value
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refused persistent id")
+
+
+def read_dcp_metadata(path: str):
+    """The torch distributed-checkpoint index ``path/.metadata``, unpickled without running code from it.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, or would build anything but checkpoint metadata.
+    """
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    file = os.path.join(path, DCP_METADATA_FILE)
+    try:
+        with open(file, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as exc:
+        if str(exc).startswith("refused"):
+            raise CheckpointError(
+                f"checkpoint {path} is damaged or crafted: {file} is not plain checkpoint metadata ({exc}); "
+                "refused without running it") from exc
+        raise _damaged(path, file, exc) from exc
+    except Exception as exc:
+        raise _damaged(path, file, exc) from exc
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"checkpoint {path} is damaged: {file} holds a {type(metadata).__name__}, not "
+                              "checkpoint metadata")
+    return metadata
+
+
+def _torch_load(source, path: str, name: str):
+    """``torch.load(weights_only=True)`` of a checkpoint file or item: tensors and plain data, or CheckpointError."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged or crafted: {name} holds more than tensors and plain data, refused "
+            f"without running it ({str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r})") from exc
+    except Exception as exc:
+        raise _damaged(path, name, exc) from exc
+
+
+class _SafeBytesPlanner:
+    """A load planner whose non-tensor items are first read with ``weights_only=True`` (torch's own planner unpickles
+    them freely); everything else is the wrapped planner's."""
+
+    def __init__(self, planner, path: str, file: str):
+        self._planner, self._path, self._file = planner, path, file
+
+    def __getattr__(self, name):
+        return getattr(self._planner, name)
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = _torch_load(value, self._path, f"{self._file} (item {read_item.dest_index.fqn})")
+        safe = io.BytesIO()  # what the planner unpickles now holds only what weights_only built
+        torch.save(obj, safe)
+        safe.seek(0)
+        self._planner.load_bytes(read_item, safe)
+
+
+def _safe_reader_class():
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        """torch's reader with :func:`read_dcp_metadata` for the index, safe non-tensor items, and errors naming the
+        ``.distcp`` file that failed."""
+
+        def __init__(self, path):
+            super().__init__(path)
+            self.checkpoint_dir, self._metadata = str(path), None
+
+        def read_metadata(self):
+            if self._metadata is None:
+                metadata = read_dcp_metadata(self.checkpoint_dir)
+                if getattr(metadata, "storage_meta", None) is None:
+                    metadata.storage_meta = StorageMeta()
+                metadata.storage_meta.load_id = self.load_id
+                self._metadata = metadata
+            return self._metadata
+
+        def read_data(self, plan, planner):
+            per_file: dict = {}
+            for item in plan.items:
+                per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+            for name, items in per_file.items():
+                file = os.path.join(self.checkpoint_dir, name)
+                try:
+                    super().read_data(dataclasses.replace(plan, items=items),
+                                      _SafeBytesPlanner(planner, self.checkpoint_dir, file)).wait()
+                except CheckpointError:
+                    raise
+                except Exception as exc:
+                    raise _damaged(self.checkpoint_dir, file, exc) from exc
+            done = torch.futures.Future()
+            done.set_result(None)
+            return done
+
+    return SafeFileSystemReader
+
+
+def _load_strategies() -> tuple:
+    """megatron-core's torch_dist load strategies with every read made safe (see the module docstring).
+
+    megatron-core builds its reader in a module function; it is replaced (once) by one returning the safe reader.
+    """
+    from megatron.core.dist_checkpointing.strategies import torch as mtorch
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    if not getattr(mtorch._get_filesystem_reader, "_megatron_bliss_safe", False):
+        reader_cls = _safe_reader_class()
+
+        def safe_reader(checkpoint_dir, cache_metadata: bool = False):
+            return reader_cls(checkpoint_dir)
+
+        safe_reader._megatron_bliss_safe = True
+        mtorch._get_filesystem_reader = safe_reader
+
+    class SafeCommonLoadStrategy(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir):
+            path = os.path.join(str(checkpoint_dir), COMMON_FILE)
+            return _torch_load(path, str(checkpoint_dir), path)
+
+    return mtorch.TorchDistLoadShardedStrategy(), SafeCommonLoadStrategy()
+
+
+def _dcp_failure(exc: BaseException) -> BaseException:
+    """The first rank's exception inside torch's CheckpointException (which gathers every rank's)."""
+    for failure in getattr(exc, "failures", {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, BaseException):
+            return inner
+    return exc
+
+
 # ------------------------------------------------------------------------------------------ one checkpoint dir
 def read_metadata(path: str) -> dict:
     """The ``bliss_checkpoint.json`` of a finished checkpoint; raises CheckpointError when absent."""
@@ -259,11 +442,20 @@ def read_metadata(path: str) -> dict:
         if os.path.isdir(path + ".tmp"):
             raise CheckpointError(f"checkpoint {path} was not finished (only {path}.tmp exists)")
         raise CheckpointError(f"{path} is not a megatron_bliss checkpoint (no {METADATA_FILE})")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as exc:  # ValueError: invalid JSON or UTF-8
+        raise _damaged(path, meta_path, exc) from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path} is damaged: {meta_path} holds no JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: checkpoint format {meta.get('format_version')}, this version reads "
                               f"format {FORMAT_VERSION}")
+    kinds = {"models": dict, "states": list, "info": dict}
+    wrong = [key for key, kind in kinds.items() if not isinstance(meta.get(key), kind)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} is damaged: {meta_path} lacks a valid {', '.join(wrong)}")
     return meta
 
 
@@ -320,10 +512,14 @@ def save(path: str, states: Mapping[str, object], metadata: dict | None = None) 
 def load(path: str, states: Mapping[str, object]) -> dict:
     """Fills ``states`` from checkpoint ``path``, whatever layout saved it; returns its metadata.
 
+    No file of the checkpoint runs code while it is read (see the module docstring).
+
     Raises:
-        CheckpointError: the checkpoint is unfinished, lacks a state, or holds a model of another shape or role.
+        CheckpointError: the checkpoint is unfinished, damaged (naming the file where known), holds something other
+            than checkpoint data, lacks a state, or holds a model of another shape or role.
     """
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     meta = read_metadata(path)
     missing = [name for name in states if name not in meta["states"]]
@@ -334,9 +530,21 @@ def load(path: str, states: Mapping[str, object]) -> dict:
             s.check(meta["models"].get(name), path, name)
         if hasattr(s, "info"):
             s.saved = meta["info"][name]
+    read_dcp_metadata(path)  # a damaged or crafted index is refused here, naming it, before anything else
     sharded = _sharded(states, is_loading=True)
     sharded["common"] = {}
-    loaded = dist_checkpointing.load(sharded, path)
+    sharded_strategy, common_strategy = _load_strategies()
+    try:
+        loaded = dist_checkpointing.load(sharded, path, sharded_strategy=sharded_strategy,
+                                         common_strategy=common_strategy)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
+        inner = _dcp_failure(exc)
+        if isinstance(inner, CheckpointError):
+            raise CheckpointError(str(inner)) from inner
+        raise CheckpointError(f"checkpoint {path} is damaged or unreadable ({type(inner).__name__}: "
+                              f"{str(inner).strip().splitlines()[0] if str(inner).strip() else ''})") from exc
     for name, s in states.items():
         if _is_sharded(s):
             s.load_sharded(loaded[name])

@@ -47,6 +47,15 @@ class ScoringConfig:
 
 
 @dataclass
+class ScoreRunSection:
+    """What to do with an output directory that holds chunks of another scoring."""
+
+    overwrite: bool = False
+    """Discard chunk files scored from another shard, checkpoint, model or ``scoring`` settings and score again;
+    without it such a directory is refused, naming what differs (an unchanged rerun always resumes)."""
+
+
+@dataclass
 class ScoreRunConfig:
     """``python -m megatron_bliss.score``: score one shard."""
 
@@ -56,6 +65,8 @@ class ScoreRunConfig:
     """Parallel layout (data parallel, optionally tensor parallel; no pipeline)."""
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     """What to score and where to write it."""
+    run: ScoreRunSection = field(default_factory=ScoreRunSection)
+    """Reuse or discard existing chunks."""
 
     def validate(self) -> None:
         """Cross-section checks."""
