@@ -12,17 +12,20 @@ and small tensors).
 Writes go to ``<dir>.tmp``, which rank 0 renames once every rank is done, then the marker is replaced; a run killed
 at any instant leaves either the old or the new checkpoint.
 
-What loading parses, and how. Three of a checkpoint's files are pickles: :func:`load` reads each without running
-code from it. ``.metadata`` (torch's distributed-checkpoint index) goes through an unpickler that builds only torch's
-checkpoint-metadata classes, ``torch.Size``, dtypes and layouts; ``common.pt`` and the non-tensor items stored in the
-``*.distcp`` files are read with ``torch.load(weights_only=True)`` (tensors and plain Python data only, whatever the
-torch version's default); torch reads the tensor items of ``*.distcp`` with ``weights_only=True`` itself.
-``bliss_checkpoint.json``, megatron-core's ``metadata.json`` and the latest marker are JSON or text. A file that would
-build anything else is refused with a :class:`CheckpointError` naming it, before anything in it runs; a truncated or
-corrupt file is a :class:`CheckpointError` too. This covers the reads of :func:`load` and its callers only: other
-megatron-core or torch entry points (e.g. ``dist_checkpointing.load_common_state_dict``, torch's
-``FileSystemReader``) still unpickle freely, and the safety of ``torch.load(weights_only=True)`` is torch's. Treat a
-checkpoint from a stranger as untrusted data that these loaders parse, not as a file to open with other tools.
+What loading runs. Three kinds of a checkpoint's data are pickles, and :func:`load` reads each without running
+code from it: ``.metadata`` (torch's distributed-checkpoint index) through an unpickler that builds only torch's
+checkpoint-metadata classes, ``torch.Size``, dtypes and layouts; ``common.pt`` and the object items of the
+``*.distcp`` files (megatron's ``_extra_state``) with ``torch.load(weights_only=True)``, whatever the torch version's
+default; the tensor items of ``*.distcp`` are read by torch's own reader, which passes ``weights_only=True`` on torch
+2.13 (checked by the tests on the installed torch only). ``bliss_checkpoint.json``, megatron-core's ``metadata.json``
+and the latest marker are JSON or text. A file that would build anything else is refused with a
+:class:`CheckpointError` naming it before anything in it runs, and a truncated or corrupt one is a
+:class:`CheckpointError` naming it too. Limits: ``weights_only`` is torch's own restricted unpickler, so its safety
+is torch's (torch before 2.6 has a published way around it: use torch >= 2.6 for checkpoints from others); a
+crafted checkpoint can still make a load fail or use much memory; and only :func:`load` and its callers are guarded,
+not other megatron-core or torch entry points (e.g. ``dist_checkpointing.load_common_state_dict``), which unpickle
+freely. So on torch >= 2.6, :func:`load` can read a checkpoint from someone else without running its code; on
+older torch, treat checkpoints as trusted input.
 """
 
 from __future__ import annotations

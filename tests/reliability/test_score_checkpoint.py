@@ -71,6 +71,24 @@ def saved(single_process, tmp_path):
     return path, load
 
 
+def _redirect_item_to_payload(path, kind, marker):
+    """Points the first stored item of ``kind`` at ``__evil.distcp``, a pickle that would create ``marker``."""
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        metadata = pickle.load(f)  # the test's own, untouched file
+    key = next(k for k, v in metadata.state_dict_metadata.items() if isinstance(v, kind))
+    payload = io.BytesIO()
+    torch.save(_Marker(marker), payload)
+    with open(os.path.join(path, "__evil.distcp"), "wb") as f:
+        f.write(payload.getvalue())
+    for index, info in list(metadata.storage_data.items()):
+        if index.fqn == key:
+            metadata.storage_data[index] = dataclasses.replace(info, relative_path="__evil.distcp", offset=0,
+                                                               length=len(payload.getvalue()))
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        pickle.dump(metadata, f)
+    return marker
+
+
 def _distcp_files(path):
     return sorted(n for n in os.listdir(path) if n.endswith(".distcp"))
 
@@ -137,21 +155,21 @@ def test_security_crafted_object_item_in_distcp_is_refused_without_running(saved
     from megatron_bliss.checkpointing import CheckpointError
 
     path, load = saved
-    marker = tmp_path / "ran_item"
-    with open(os.path.join(path, ".metadata"), "rb") as f:
-        metadata = pickle.load(f)  # the test's own, untouched file
-    key = next(k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
-    payload = io.BytesIO()
-    torch.save(_Marker(marker), payload)
-    with open(os.path.join(path, "__evil.distcp"), "wb") as f:
-        f.write(payload.getvalue())
-    for index, info in list(metadata.storage_data.items()):
-        if index.fqn == key:
-            metadata.storage_data[index] = dataclasses.replace(info, relative_path="__evil.distcp", offset=0,
-                                                               length=len(payload.getvalue()))
-    with open(os.path.join(path, ".metadata"), "wb") as f:
-        pickle.dump(metadata, f)
+    marker = _redirect_item_to_payload(path, BytesStorageMetadata, tmp_path / "ran_item")
     with pytest.raises(CheckpointError, match=r"__evil\.distcp.*refused") as info:
+        load()
+    assert path in str(info.value)
+    assert not marker.exists()
+
+
+def test_security_crafted_tensor_item_in_distcp_is_refused_without_running(saved, tmp_path):
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from megatron_bliss.checkpointing import CheckpointError
+
+    path, load = saved
+    marker = _redirect_item_to_payload(path, TensorStorageMetadata, tmp_path / "ran_tensor")
+    with pytest.raises(CheckpointError, match=r"__evil\.distcp") as info:
         load()
     assert path in str(info.value)
     assert not marker.exists()
