@@ -76,15 +76,18 @@ class Manifest:
         if os.path.isfile(self.path):
             with open(self.path) as f:
                 stored = json.load(f)
-            if stored.get("config_hash") != config_hash and not force:
+            changed = stored.get("config_hash") != config_hash
+            if changed and not force:
                 raise ManifestError(
                     f"{run_dir} was started with another configuration (hash {stored.get('config_hash')}, now "
                     f"{config_hash}); use a new run directory, or pass --run.force=true to resume it anyway")
-            if stored.get("config_hash") != config_hash:
+            if changed:
                 stored.setdefault("forced_from", []).append(stored.get("config_hash"))
                 stored["config_hash"] = config_hash
             stored.setdefault("inputs", {})
             self.data = stored
+            if changed:
+                self._write()  # the forced change is on record even if no phase runs under it
         elif writer:
             os.makedirs(run_dir, exist_ok=True)
             self._write()
