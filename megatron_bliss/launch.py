@@ -3,7 +3,7 @@
 * :class:`DirectoryLock`: a stage's output directory (the pipeline's ``paths.run_dir``, a pretraining
   ``paths.save_dir``, ...) is locked by the job's rank 0 for as long as it runs, so a second launch on a live
   directory is refused with the holder named, instead of two jobs writing the same checkpoints and manifest. The
-  lock is a POSIX record lock on ``DIR/run.lock``: the kernel drops it when the holding process dies, however it
+  lock is a POSIX record lock on ``DIR/job.lock``: the kernel drops it when the holding process dies, however it
   dies, so a killed run never leaves a stale lock; it is not inherited by forked children (megatron-core's
   checkpoint writers), and it works on NFS.
 * :func:`watch_launcher`: torch elastic starts every rank in a session of its own, so killing ``torchrun``'s
@@ -27,7 +27,7 @@ import time
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = "run.lock"
+LOCK_NAME = "job.lock"
 """File name of the lock inside the locked directory."""
 
 WATCH_INTERVAL_S = 0.5

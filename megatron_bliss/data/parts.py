@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_bliss.data.indexed import file_sha256, replace_atomic
+from megatron_bliss.data.indexed import file_sha256, remove_quietly, replace_atomic, writing
 from megatron_bliss.data.sources import (
     DataFormatError,
     ReadStatus,
@@ -87,8 +87,10 @@ class PartWriter:
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray, skipped: dict, lines: int) -> None:
         """Appends a batch of documents and the counts of the lines they came from."""
-        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
-        self._len.write(np.ascontiguousarray(lengths, dtype=np.int32).data)
+        with writing(self.base + ".bin"):
+            self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
+        with writing(self.base + ".len"):
+            self._len.write(np.ascontiguousarray(lengths, dtype=np.int32).data)
         self.part.documents += lengths.size
         self.part.tokens += tokens.size
         self.part.lines += lines
@@ -98,22 +100,26 @@ class PartWriter:
     def finish(self, sha256: str, truncated: dict | None) -> Part:
         """Renames the part into place (data first, record last) and returns its record."""
         self.part.sha256, self.part.truncated = sha256, truncated
-        self._bin.close()
-        self._len.close()
+        for f, suffix in ((self._bin, ".bin"), (self._len, ".len")):
+            with writing(self.base + suffix):
+                f.close()
         replace_atomic(self.base + ".bin.tmp", self.base + ".bin")
         replace_atomic(self.base + ".len.tmp", self.base + ".len")
-        with open(self.base + ".json.tmp", "w") as f:
-            json.dump(self.part.__dict__, f, indent=1)
+        with writing(self.base + ".json"):
+            with open(self.base + ".json.tmp", "w") as f:
+                json.dump(self.part.__dict__, f, indent=1)
         replace_atomic(self.base + ".json.tmp", self.base + ".json")
         return self.part
 
     def abort(self) -> None:
-        """Closes and removes the temporary files."""
+        """Closes and removes the temporary files, never raising (it runs while another error propagates; on a
+        full disk, closing flushes and fails again)."""
         for f in (self._bin, self._len):
-            f.close()
-        for suffix in (".bin.tmp", ".len.tmp"):
-            if os.path.exists(self.base + suffix):
-                os.remove(self.base + suffix)
+            try:
+                f.close()
+            except OSError:
+                pass
+        remove_quietly([self.base + suffix for suffix in (".bin.tmp", ".len.tmp", ".json.tmp")])
 
 
 def load_part(parts_dir: str, input_path: str, settings: dict) -> Part | None:

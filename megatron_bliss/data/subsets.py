@@ -63,6 +63,24 @@ def _top_k_chunked(scores: np.ndarray, k: int, chunk: int = _CHUNK) -> tuple[np.
     return cand_idx, threshold
 
 
+def subset_size(n: int, fraction: float | None, top_k: int | None) -> int:
+    """How many of ``n`` sequences a subset keeps: ``top_k``, else ``round(fraction * n)`` and at least 1.
+
+    Raises:
+        ValueError: a fraction outside (0, 1] or a ``top_k`` outside 1..N, naming the setting and its flag.
+    """
+    if top_k is None:
+        if fraction is None or not 0 < fraction <= 1:
+            raise ValueError(f"fraction (--fraction) must be in (0, 1], got {fraction}")
+        k = max(1, int(round(fraction * n)))
+    else:
+        k = int(top_k)
+    if not 0 < k <= n:
+        raise ValueError(f"cannot keep {k} of {n} sequences: top_k (--top-k) must be 1..{n}"
+                         if top_k is not None else f"cannot keep {k} of {n} sequences")
+    return k
+
+
 def select_indices(scores: np.ndarray, *, fraction: float | None = SubsetConfig.fraction, top_k: int | None = None,
                    method: str = SubsetConfig.method, seed: int = SubsetConfig.seed) -> tuple[np.ndarray, float | None]:
     """Chooses which sequences to keep.
@@ -81,15 +99,7 @@ def select_indices(scores: np.ndarray, *, fraction: float | None = SubsetConfig.
         ValueError: a fraction outside (0, 1] or a ``top_k`` outside 1..N, naming the setting and its flag.
     """
     n = int(scores.shape[0])
-    if top_k is None:
-        if fraction is None or not 0 < fraction <= 1:
-            raise ValueError(f"fraction (--fraction) must be in (0, 1], got {fraction}")
-        k = max(1, int(round(fraction * n)))
-    else:
-        k = int(top_k)
-    if not 0 < k <= n:
-        raise ValueError(f"cannot keep {k} of {n} sequences: top_k (--top-k) must be 1..{n}"
-                         if top_k is not None else f"cannot keep {k} of {n} sequences")
+    k = subset_size(n, fraction, top_k)
     if method == "random":
         rng = np.random.Generator(np.random.PCG64(seed))
         return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64), None

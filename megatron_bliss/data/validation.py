@@ -34,7 +34,14 @@ from megatron_bliss.data.indexed import (
     file_sha256,
     output_files,
 )
-from megatron_bliss.data.sources import DataFormatError, ReadStatus, new_skip_counts, read_line_chunks
+from megatron_bliss.data.sources import (
+    DataFormatError,
+    ReadStatus,
+    check_input,
+    loads_json,
+    new_skip_counts,
+    read_line_chunks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +75,7 @@ def _iter_examples(path: str, fmt: str, json_key: str, context_key: str, continu
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                record = loads_json(raw.decode("utf-8"))
             except UnicodeDecodeError as exc:
                 reason, detail = "invalid_utf8", str(exc)
             except ValueError as exc:
@@ -130,8 +137,7 @@ def prepare_validation(input_path: str, out_prefix: str, tokenizer_model: str, *
     if fmt not in ("lambada", "pairs"):
         raise ValueError(f"format must be 'lambada' or 'pairs', got {fmt!r}")
     check_output_prefix(out_prefix)
-    if not os.path.isfile(input_path):
-        raise FileNotFoundError(f"{input_path}: no such file (--input)")
+    check_input(input_path)  # a missing, empty, non-regular or unsupported-compressed --input, named
     tokenizer = build_tokenizer(tokenizer_model)
     info = tokenizer_info(tokenizer)
     stat = os.stat(input_path)

@@ -154,8 +154,9 @@ class BlissPipeline:
 
         out = self._paths(0)["subset"]
         if parallel.is_rank0():
+            # an unfinished phase's output is the pipeline's own to replace (a forced change, a kill mid-phase)
             write_subset(self.paths.shards[0], None, out, method="random",
-                         fraction=self.cfg.data.warmup_fraction, seed=self.cfg.parallel.seed)
+                         fraction=self.cfg.data.warmup_fraction, seed=self.cfg.parallel.seed, overwrite=True)
         return {"outputs": [out + ".bin", out + ".idx"]}
 
     def warmup_target(self) -> dict:
@@ -220,7 +221,7 @@ class BlissPipeline:
             else:
                 n = len(read_sequences(self.paths.shards[r]))
                 indices = select_indices(np.zeros(n), dataclasses.replace(selection, method="random"))
-            write_subset(self.paths.shards[r], indices, p["subset"])
+            write_subset(self.paths.shards[r], indices, p["subset"], kind="indices", overwrite=True)
             info["selected"] = int(len(indices))
         return {**info, "outputs": [p["subset"] + ".bin", p["subset"] + ".idx"]}
 
@@ -242,6 +243,7 @@ class BlissPipeline:
         runs: a setting that would fail hours in (a batch that does not divide over the ranks, a shard too small
         for ``selection.top_k``, data from another tokenizer) fails now, naming the pipeline setting."""
         from megatron_bliss.data.provenance import check_datasets
+        from megatron_bliss.data.subsets import subset_size
         from megatron_bliss.pretrain.data import open_sequences
         from megatron_bliss.score.config import ScoreRunConfig
 
@@ -252,11 +254,11 @@ class BlissPipeline:
                        "target.vocab_size")
         sizes = [len(open_sequences(self.paths.shards[r], c.target.seq_length + 1)) for r in rounds]
         for r in rounds[1:]:
-            k = c.selection.top_k if c.selection.top_k is not None else round(c.selection.fraction * sizes[r])
-            if not 1 <= k <= sizes[r]:
-                raise ValueError(f"selection keeps {k} of the {sizes[r]} sequences of paths.shards[{r}] "
-                                 f"({self.paths.shards[r]}): set selection.top_k (or selection.fraction) to keep "
-                                 f"between 1 and {sizes[r]}")
+            try:
+                subset_size(sizes[r], c.selection.fraction, c.selection.top_k)
+            except ValueError as exc:
+                raise ValueError(f"round{r}/select on paths.shards[{r}] ({self.paths.shards[r]}): {exc} (in the "
+                                 "pipeline config: selection.top_k, selection.fraction)") from None
         phases = [("round0/target", "target", 0)] + [(f"round{r}/eval", "eval", r) for r in rounds]
         phases += [(f"round{r}/target", "target", r) for r in rounds[1:]]
         if c.run.method == "bliss":

@@ -342,6 +342,19 @@ def test_case13_full_disk_while_writing_shards_leaves_nothing(tmp_path, monkeypa
     assert not [p for p in os.listdir(tmp_path) if p.endswith((".bin", ".idx", ".manifest.json"))]
 
 
+def test_case13_full_disk_while_tokenizing_leaves_no_part_temp_files(tmp_path, monkeypatch):
+    from megatron_bliss.data import parts
+
+    disk = _FullDisk(budget=1000)
+    monkeypatch.setattr(parts, "open", disk.open, raising=False)
+    prefix = tmp_path / "c4"
+    with pytest.raises(OSError) as info:
+        preprocess(_cfg(prefix, shards=2))
+    _check_one_error(info, disk, ".parts")
+    assert not _tmp_files(tmp_path)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith((".bin", ".idx", ".manifest.json"))]
+
+
 def test_case13_full_disk_keeps_a_finished_output_untouched(tmp_path, monkeypatch, source):
     prefix = tmp_path / "c4"
     preprocess(_cfg(prefix, shards=2))

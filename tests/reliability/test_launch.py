@@ -16,7 +16,7 @@ from tests.conftest import REPO_ROOT, free_port
 from tests.pipeline.test_pipeline import _args, data_dir  # noqa: F401  (the module's data fixture)
 
 JOB_MARKER = "MEGATRON_BLISS_TEST_JOB"
-LOCK_NAME = "run.lock"  # megatron_bliss.launch.LOCK_NAME, spelled out as a user sees it
+LOCK_NAME = "job.lock"  # megatron_bliss.launch.LOCK_NAME, spelled out as a user sees it
 
 
 def _launch(data, run_dir, log, token: str, *extra: str) -> subprocess.Popen:

@@ -102,7 +102,7 @@ def test_case16_missing_round_shard_fails_before_the_first_phase(data_dir, tmp_p
 @pytest.mark.parametrize("override, names", [
     ("--proxy_train.global_batch_size=6", r"round0/proxy: proxy_train\.global_batch_size \(6\)"),
     ("--train.global_batch_size=6", r"round0/target: train\.global_batch_size \(6\)"),
-    ("--selection.top_k=100000", r"selection keeps 100000 .*paths\.shards\[1\]"),
+    ("--selection.top_k=100000", r"round1/select on paths\.shards\[1\].*cannot keep 100000"),
 ])
 def test_case16_phase_configs_are_checked_before_the_first_phase(data_dir, tmp_path, single_process,  # noqa: F811
                                                                  override, names):

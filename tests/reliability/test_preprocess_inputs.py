@@ -169,6 +169,17 @@ def test_case10_deeply_nested_line_is_malformed_json(tmp_path):
                             DEFAULT_TOKENIZER, "--no-progress", "--strict", "--mode", "documents"]) == 2
 
 
+def test_case10_and_case19_validation_set_counts_nesting_and_keeps_huge_integers(tmp_path):
+    path = tmp_path / "val.jsonl"
+    path.write_bytes(json.dumps({"text": "the quick brown fox jumps"}).encode() + b"\n" + b"[" * 100000 + b"\n"
+                     + b'{"text": "a b c d e f", "n": ' + b"9" * 5000 + b"}\n")
+    manifest = prepare_validation(str(path), str(tmp_path / "val"), DEFAULT_TOKENIZER)
+    assert manifest["examples"] == 2
+    assert {k: v for k, v in manifest["skipped"].items() if v} == {"malformed_json": 1}
+    with pytest.raises(DataFormatError, match=rf"^{re.escape(str(path))}:2: malformed_json"):
+        prepare_validation(str(path), str(tmp_path / "strict"), DEFAULT_TOKENIZER, strict=True)
+
+
 # ---------------------------------------------------------------------------------------------------- case 11
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(not HAS_FIFO, reason="no os.mkfifo")

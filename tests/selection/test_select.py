@@ -45,5 +45,7 @@ def test_fraction_and_methods():
 def test_bad_selection_settings():
     with pytest.raises(ValueError, match="selection.method"):
         SelectionConfig(method="best")
-    with pytest.raises(ValueError, match="cannot keep 0 of 3"):
-        select_indices(np.zeros(3), SelectionConfig(top_k=0))
+    with pytest.raises(ValueError, match="selection.top_k must be >= 1"):
+        SelectionConfig(top_k=0)
+    with pytest.raises(ValueError, match="cannot keep 4 of 3"):
+        select_indices(np.zeros(3), SelectionConfig(top_k=4))
