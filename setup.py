@@ -80,7 +80,7 @@ setup(
     packages=find_packages(include=["megatron_bliss", "megatron_bliss.*"]),
     package_data={"megatron_bliss.data": ["assets/*.model"]},
     install_requires=[
-        "torch>=2.4,<2.15",
+        "torch>=2.6,<2.15",  # 2.6 fixes the weights_only=True bypass of torch <= 2.5.1 (CVE-2025-32434)
         "megatron-core>=0.16,<0.17",
         "numpy>=1.24",
         "sentencepiece>=0.2",

@@ -21,11 +21,11 @@ default; the tensor items of ``*.distcp`` are read by torch's own reader, which 
 and the latest marker are JSON or text. A file that would build anything else is refused with a
 :class:`CheckpointError` naming it before anything in it runs, and a truncated or corrupt one is a
 :class:`CheckpointError` naming it too. Limits: ``weights_only`` is torch's own restricted unpickler, so its safety
-is torch's (torch before 2.6 has a published way around it: use torch >= 2.6 for checkpoints from others); a
+is torch's (the package requires torch >= 2.6, which closed the published way around it in earlier versions); a
 crafted checkpoint can still make a load fail or use much memory; and only :func:`load` and its callers are guarded,
 not other megatron-core or torch entry points (e.g. ``dist_checkpointing.load_common_state_dict``), which unpickle
-freely. So on torch >= 2.6, :func:`load` can read a checkpoint from someone else without running its code; on
-older torch, treat checkpoints as trusted input.
+freely. So :func:`load` (every stage's resume and warm start) can read a checkpoint from someone else without
+running its code; any other tool that opens the same files should be treated as running what they contain.
 """
 
 from __future__ import annotations

@@ -194,11 +194,13 @@ class BlissPipeline:
         return bcfg, paths
 
     def score(self, r: int) -> dict:
-        from megatron_bliss.score.config import ScorePaths, ScoreRunConfig
+        from megatron_bliss.score.config import ScorePaths, ScoreRunConfig, ScoreRunSection
         from megatron_bliss.score.scoring import run_scoring
 
         c, p = self.cfg, self._paths(r)
-        scfg = ScoreRunConfig(model=c.proxy, parallel=_data_parallel(c), scoring=c.scoring)
+        # chunks that match this round's shard and score model resume; others are the pipeline's own to replace
+        scfg = ScoreRunConfig(model=c.proxy, parallel=_data_parallel(c), scoring=c.scoring,
+                              run=ScoreRunSection(overwrite=True))
         path = run_scoring(scfg, ScorePaths(checkpoint=p["score"], data_prefix=self.paths.shards[r],
                                             output_dir=p["scores"]))
         n = len(np.load(path, mmap_mode="r"))

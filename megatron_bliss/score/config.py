@@ -12,6 +12,9 @@ from megatron_bliss.parallel import ParallelConfig
 class ScorePaths:
     """The files scoring reads and writes (the ``paths`` section; the pipeline sets them per round)."""
 
+    lock_field = "output_dir"
+    """The directory a launch locks while it runs (a second launch on it is refused, naming the holder)."""
+
     checkpoint: str = ""
     """Score-model checkpoint directory (role 'score')."""
     data_prefix: str = ""

@@ -31,6 +31,7 @@ from megatron_bliss import parallel
 from megatron_bliss.checkpointing import load_model, resolve
 from megatron_bliss.config import to_dict
 from megatron_bliss.data.indexed import file_sha256, replace_atomic
+from megatron_bliss.data.provenance import check_datasets
 from megatron_bliss.data.sequences import read_sequences
 from megatron_bliss.models import build_score_model
 from megatron_bliss.models.presets import model_flops_per_token
@@ -142,6 +143,7 @@ def run_scoring(cfg: ScoreRunConfig, paths: ScorePaths) -> str:
     for suffix in (".bin", ".idx"):
         if not os.path.isfile(paths.data_prefix + suffix):
             raise ValueError(f"paths.data_prefix: {paths.data_prefix}{suffix} does not exist")
+    check_datasets({"paths.data_prefix": paths.data_prefix}, cfg.model.vocab_size, "model.vocab_size")
     final_path = os.path.join(paths.output_dir, SCORES_FILE)
     parallel.initialize(cfg.parallel)
     from megatron.core import parallel_state as ps
