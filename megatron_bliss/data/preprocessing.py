@@ -292,16 +292,18 @@ def _check_enough(cfg: DataConfig, parts: list[Part], files: list[str]) -> None:
                 skipped[reason] = skipped.get(reason, 0) + count
         why = ", ".join(f"{k}={v}" for k, v in skipped.items() if v) or "none"
         raise ValueError(f"{where}: 0 documents in {lines} input lines (skipped: {why}); at least "
-                         f"{cfg.shards} needed; nothing was written")
+                         f"{cfg.shards} needed; no dataset was written")
     if cfg.mode == "sequences":
         sequences = tokens // cfg.tokens_per_sequence
         if sequences < cfg.shards:
             raise ValueError(f"{where}: {documents} documents make {tokens} tokens, {sequences} sequences of "
                              f"--tokens-per-sequence {cfg.tokens_per_sequence}; --shards {cfg.shards} needs at least "
-                             f"{cfg.shards * cfg.tokens_per_sequence} tokens; nothing was written")
+                             f"{cfg.shards * cfg.tokens_per_sequence} tokens; no dataset was written (the "
+                             f"tokenized parts stay in {cfg.output_prefix}.parts/ for a rerun with other settings)")
     elif documents < cfg.shards:
         raise ValueError(f"{where}: {documents} documents; --shards {cfg.shards} needs at least {cfg.shards}; "
-                         "nothing was written")
+                         f"no dataset was written (the tokenized parts stay in {cfg.output_prefix}.parts/ for a "
+                         "rerun with other settings)")
 
 
 def _manifest(cfg: DataConfig, parts: list[Part], written: dict, tok: dict | None, vocab: int | None,

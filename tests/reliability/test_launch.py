@@ -79,9 +79,16 @@ def test_case02_killing_the_process_group_stops_every_rank(data_dir, tmp_path): 
         assert not _job_processes(token), f"processes outlived their torchrun: {sorted(_job_processes(token))}"
     finally:
         _kill_job(token)
-    # the killed holder left no stale lock: the next launch may take it
+    # the killed holder left no stale lock: the next launch may take it (once the kernel has finished its exit)
     with open(tmp_path / "run" / LOCK_NAME, "a") as f:
-        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        deadline = time.time() + 15
+        while True:
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.time() < deadline, "the lock outlived the killed job"
+                time.sleep(0.2)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the ranks")
