@@ -22,6 +22,7 @@ import torch
 
 import megatron_bliss
 from megatron_bliss.ops import _ext
+from megatron_bliss.ops.lm_loss import fused_loss_path
 from megatron_bliss.ops.multi_tensor import ops_path
 
 
@@ -106,10 +107,10 @@ def _attention(cuda: bool) -> dict[str, Any]:
     return {"attention_backend": described, "sdpa_flash": flash, "sdpa_mem_efficient": mem_efficient}
 
 
-def _ops_paths(cuda: bool) -> str:
-    paths = [f"cpu: {ops_path('cpu')}"]
+def _ops_paths(cuda: bool, path=ops_path) -> str:
+    paths = [f"cpu: {path('cpu')}"]
     if cuda:
-        paths.append(f"cuda: {ops_path('cuda')}")
+        paths.append(f"cuda: {path('cuda')}")
     return ", ".join(paths)
 
 
@@ -147,6 +148,7 @@ def collect_info() -> dict[str, Any]:
         "ext_cuda": _ext.ext_has_cuda(),
         "ext_error": _ext.ext_error(),
         "ops_path": _ops_paths(cuda),
+        "bilevel_loss_path": _ops_paths(cuda, fused_loss_path),
     }
     info.update(_attention(cuda))
     info["transformer_engine"] = _import_status("transformer_engine.pytorch", "transformer-engine")

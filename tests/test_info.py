@@ -11,8 +11,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 KEYS = {
     "megatron_bliss", "python", "platform", "torch", "torch_cuda", "megatron_core", "cuda_device_count", "devices",
-    "cpu_threads", "ext_built", "ext_loaded", "ext_cuda", "ext_error", "ops_path", "attention_backend", "sdpa_flash",
-    "sdpa_mem_efficient", "transformer_engine", "apex", "nccl_available", "nccl_version", "gloo_available",
+    "cpu_threads", "ext_built", "ext_loaded", "ext_cuda", "ext_error", "ops_path", "bilevel_loss_path",
+    "attention_backend", "sdpa_flash", "sdpa_mem_efficient", "transformer_engine", "apex", "nccl_available",
+    "nccl_version", "gloo_available",
 }
 
 
@@ -51,3 +52,4 @@ def test_report_states_a_disabled_extension():
     assert report["ext_loaded"] is False
     assert report["ext_error"] == "disabled by MEGATRON_BLISS_DISABLE_EXT=1"
     assert report["ops_path"].startswith("cpu: reference")
+    assert report["bilevel_loss_path"].startswith("cpu: reference")

@@ -25,6 +25,7 @@ import torch
 from megatron_bliss import parallel
 from megatron_bliss.data.loader import split_next_token
 from megatron_bliss.models.gpt import gpt_logits
+from megatron_bliss.ops import lm_loss
 from megatron_bliss.ops import reference as ref
 
 
@@ -104,12 +105,23 @@ class LowerLevelLoss:
     """This batch's own global normalizer (keep it: the next outer step's inner steps use it)."""
 
 
+def fused_loss(device: torch.device) -> bool:
+    """Whether the lower-level loss runs fused on ``device`` (:mod:`megatron_bliss.ops.lm_loss` on the compiled
+    kernels) rather than as the unfused autograd graph of :mod:`megatron_bliss.ops.reference`.
+    ``MEGATRON_BLISS_DISABLE_EXT=1`` forces the unfused reference."""
+    return lm_loss.fused_loss_path(device) == "_C"
+
+
 def weighted_lm_objective(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
                           target_logits: torch.Tensor | None, gamma: float, dp_size: int = 1, tp_group=None):
     """The logit-dependent part of G: ``(R Σ P_i CE_i + γ KL, ce [b], kl)``.
 
     Split from :func:`lower_level_loss` so the Gauss-Newton engine can differentiate it w.r.t. the logits alone.
+    Fused (:func:`megatron_bliss.ops.lm_loss.weighted_lm_loss`) when :func:`fused_loss` says so; both paths are
+    twice differentiable and equal to rounding (tested in float64).
     """
+    if fused_loss(logits.device):
+        return lm_loss.weighted_lm_loss(logits, labels, weights, target_logits, gamma, None, dp_size, tp_group)
     ce = ref.sequence_cross_entropy(logits, labels, tp_group=tp_group)
     loss = dp_size * ref.weighted_sum(weights, ce)
     kl = logits.new_zeros(())
@@ -120,14 +132,20 @@ def weighted_lm_objective(logits: torch.Tensor, labels: torch.Tensor, weights: t
 
 
 def weighted_lm_output_hvp(logits: torch.Tensor, weights: torch.Tensor, gamma: float, has_target: bool,
-                           dp_size: int = 1):
-    """Closed-form ``w ↦ ∇²_logits (R Σ P_i CE_i + γ KL) · w`` at ``logits`` (TP=1), for Gauss-Newton products.
+                           dp_size: int = 1, tp_group=None):
+    """Closed-form ``w ↦ ∇²_logits (R Σ P_i CE_i + γ KL) · w`` at ``logits``, for Gauss-Newton products.
 
     Every position's cross-entropy and KL(p_target ‖ softmax(z)) have the same logit Hessian diag(q) − q qᵀ with
     q = softmax(z) (the target's probabilities sum to one), so position t of sequence i contributes
     ``(R P_i / n + γ / (b n)) (q ⊙ w − q (q · w))``, n = positions per sequence. Matches the double backward of
-    :func:`weighted_lm_objective` (tested); it costs two passes over the logits instead of a double backward.
+    :func:`weighted_lm_objective` (tested); it costs two passes over the logits instead of a double backward. Fused
+    (:func:`megatron_bliss.ops.lm_loss.lm_output_hvp`: q recomputed per product, never stored; vocabulary-parallel)
+    when :func:`fused_loss` says so; the unfused version keeps q and needs TP=1.
     """
+    if fused_loss(logits.device):
+        return lm_loss.lm_output_hvp(logits, weights, gamma, has_target, dp_size, tp_group=tp_group)
+    if tp_group is not None and parallel.group_size(tp_group) > 1:
+        raise ValueError("the unfused logit-space curvature product needs TP=1; build the _C extension")
     b, n = logits.shape[:2]
     q = torch.softmax(logits.detach().to(torch.float32 if logits.dtype in (torch.float16, torch.bfloat16)
                                         else logits.dtype), dim=-1)

@@ -35,7 +35,7 @@ from megatron_bliss import parallel
 from megatron_bliss.bilevel.config import BilevelPaths, BilevelRunConfig
 from megatron_bliss.bilevel.data import TrainStream, ValidationStream
 from megatron_bliss.bilevel.hypergradient import choose_engine, score_hypergradient
-from megatron_bliss.bilevel.losses import Normalizer, lower_level_loss, validation_loss
+from megatron_bliss.bilevel.losses import Normalizer, fused_loss, lower_level_loss, validation_loss
 from megatron_bliss.log import MetricsWriter
 from megatron_bliss.models.gpt import build_gpt, gpt_logits
 from megatron_bliss.models.score_model import ScoreModel
@@ -90,9 +90,10 @@ class BilevelTrainer:
         self.score = ScoreModel(cfg.proxy, head_seed=b.score_head_seed)
         self.target = build_gpt(cfg.target).requires_grad_(False) if b.kl_coef > 0 else None
         self.engine = choose_engine(b, self.proxy)
-        parallel.log_rank0("bilevel: HVP engine %s, curvature %s, mixed term %s (%s)", self.engine.engine,
-                           b.curvature, self.engine.mixed_term, self.engine.reason)
         device = parallel.get_device()
+        parallel.log_rank0("bilevel: HVP engine %s, curvature %s, mixed term %s (%s); loss %s", self.engine.engine,
+                           b.curvature, self.engine.mixed_term, self.engine.reason,
+                           "fused (_C)" if fused_loss(device) else "reference")
         self.train_stream = TrainStream(train_data if train_data is not None else paths.train_prefix,
                                         b.micro_batch_size, dp_rank, dp_size, b.seed, device=device)
         width = self.train_stream.sequences.shape[1]

@@ -151,3 +151,23 @@ def test_two_data_parallel_ranks_equal_one_process(setup, tmp_path):
         assert _rel(dp[name]["z"], one.z) < 1e-9, name
         assert dp[name]["val_loss"] == pytest.approx(one.val_loss, rel=1e-12)
         assert dp[name]["residual"] == pytest.approx(one.residual, rel=1e-6)
+
+
+@pytest.mark.parametrize("engine, curvature, mixed", [("exact", "hessian", "jvp"), ("exact", "gauss_newton", "jvp"),
+                                                      ("finite_difference", "gauss_newton", "finite_difference")])
+def test_fused_loss_gives_the_reference_hypergradient(setup, monkeypatch, engine, curvature, mixed):
+    from megatron_bliss.bilevel import losses
+    from megatron_bliss.ops import _ext, lm_loss
+
+    proxy, score, tokens, val, tl = setup
+    cfg = _exact_config(hvp_engine=engine, curvature=curvature, mixed_term=mixed, solver="sgd",
+                        solver_init="one_over_numel", solver_steps=3, damping=1e-2, fd_eps=1e-4)
+    monkeypatch.setattr(losses, "fused_loss", lambda device: False)
+    reference = score_hypergradient(score, proxy, tokens, val, tl, cfg)
+    kernels = ["reference"] + (["_C"] if _ext.ext_available() and hasattr(_ext.get_ext(), "lm_row_stats") else [])
+    for name in kernels:
+        monkeypatch.setattr(losses, "fused_loss", lambda device: True)
+        monkeypatch.setattr(lm_loss, "fused_loss_path", lambda device="cpu", name=name: name)
+        fused = score_hypergradient(score, proxy, tokens, val, tl, cfg)
+        assert _rel(fused.grads, reference.grads) < 1e-10, name
+        assert _rel(fused.z, reference.z) < 1e-10, name
