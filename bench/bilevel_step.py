@@ -9,10 +9,14 @@ measurement): one inner proxy step (score forward, proxy forward+backward, AdamW
 curvature products, the batched mixed term and one score backward, then the score AdamW step. Variants: the HVP
 engine x curvature, and the per-sample loop of the authors' recipe for the mixed term (reference only).
 
+Each variant runs with the lower-level loss fused (``megatron_bliss.ops.lm_loss`` on the compiled kernels, when
+the extension has them) and unfused (the reference autograd graph); nothing else differs between the two rows.
+
 Time: after a warm-up, ``--repeats`` pairs of (plain step, variant step) are timed back to back (CUDA: synchronized)
-and the ratio is the median of the per-pair ratios, which a drifting machine load cancels. Memory: peak of one
-step minus the memory held before it (CUDA: ``max_memory_allocated``; CPU: peak resident set size, which includes
-allocator slack). Prints a table, then a last line with the headline ratio.
+and the ratio is the median of the per-pair ratios, which a drifting machine load cancels. Memory: the peak of the
+tensors one step allocates (after a warm-up step), isolated from the rest of the process by bench/memory.py (CUDA:
+the allocator's statistics; CPU: a count of tensor storages as operators create and free them). Prints a table,
+then a last line with the headline ratios.
 """
 
 from __future__ import annotations
@@ -47,34 +51,6 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _proc_status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
-def _reset_peak() -> int:
-    """Resets the peak counter; returns the memory held now (CUDA: allocated; CPU: resident set)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak resident set size (VmHWM)
-        f.write("5")
-    return _proc_status_bytes("VmRSS")
-
-
-def _peak_memory() -> int:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    return _proc_status_bytes("VmHWM")
-
-
 def _timed(fn) -> float:
     _sync()
     t0 = time.perf_counter()
@@ -96,6 +72,7 @@ def run_one(args) -> dict:
     from megatron_bliss.bilevel.trainer import BilevelTrainer
     from megatron_bliss.models.gpt import causal_attention_mask, position_ids
     from megatron_bliss.models.presets import get_preset
+    from megatron_bliss.ops import lm_loss
 
     backend = "local" if args.variant == "plain" or VARIANTS[args.variant][0] == "exact" else args.fused_backend
     cfg = get_preset(args.preset, seq_length=args.seq, attention_backend=backend)
@@ -126,6 +103,10 @@ def run_one(args) -> dict:
         trainer.outer_step()
         trainer.step += 1
 
+    if args.loss == "reference":
+        from megatron_bliss.bilevel import losses
+
+        losses.fused_loss = lambda device: False
     step = plain if args.variant == "plain" else outer
     for opt in (trainer.proxy_opt, trainer.score_opt):  # AdamW state is persistent, not per-step memory
         for p in (p for group in opt.param_groups for p in group["params"]):
@@ -134,22 +115,19 @@ def run_one(args) -> dict:
             group["lr"] = 0.0
         opt.step()
         opt.zero_grad(set_to_none=True)
-    if torch.cuda.is_available():  # warm-up first: the caching allocator's peak counter can be reset
-        step()
-        plain()
-    # on the CPU freed memory stays in the process, so the first run of the step is the one measured
-    base = _reset_peak()
-    _timed(step)
-    peak = _peak_memory() - base
-    step()
+    from bench.memory import peak_tensor_bytes
+
+    step()  # warm-up: one-time allocations are not per-step memory
     plain()
+    peak = peak_tensor_bytes(step, "cuda" if torch.cuda.is_available() else "cpu")[1]
     # interleave with the plain step and take the median of per-pair ratios: robust to a drifting machine load
     pairs = [(_timed(plain), _timed(step)) for _ in range(args.repeats)]
     return {"variant": args.variant, "seconds": statistics.median(t for _, t in pairs),
             "plain_seconds": statistics.median(p for p, _ in pairs),
             "ratio": statistics.median(t / p for p, t in pairs), "peak_bytes": peak,
             "device": str(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "loss": args.loss,
+            "fused_available": lm_loss.fused_loss_path("cuda" if torch.cuda.is_available() else "cpu") == "_C"}
 
 
 def main() -> None:
@@ -161,16 +139,21 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--fused-backend", default="sdpa", help="attention of finite-difference variants")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--losses", default="fused,reference", help="lower-level loss paths to measure")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--loss", default="fused", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
     rows = {}
+    runs = [("plain", "fused")] + [(v, loss) for v in args.variants.split(",") if v
+                                   for loss in args.losses.split(",") if loss]
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in ["plain"] + [v for v in args.variants.split(",") if v]:
-            cmd = [sys.executable, __file__, "--variant", variant, "--workdir", os.path.join(tmp, str(len(rows))),
+        for variant, loss in runs:
+            cmd = [sys.executable, __file__, "--variant", variant, "--loss", loss,
+                   "--workdir", os.path.join(tmp, str(len(rows))),
                    "--preset", args.preset, "--micro-batch", str(args.micro_batch), "--seq", str(args.seq),
                    "--repeats", str(args.repeats), "--fused-backend", args.fused_backend,
                    "--threads", str(args.threads)]
@@ -178,20 +161,29 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path))
             lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
             if out.returncode != 0 or not lines:
-                sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
-            rows[variant] = json.loads(lines[-1][7:])
-    plain = rows.pop("plain")
+                sys.exit(f"{variant} ({loss} loss) failed:\n{out.stderr[-3000:]}")
+            rows[(variant, loss)] = json.loads(lines[-1][7:])
+    plain = rows.pop(("plain", "fused"))
+    fused_name = "fused" if plain["fused_available"] else "fused (no _C kernels: same as reference)"
     print(f"proxy {args.preset}, micro-batch {args.micro_batch} x {args.seq} tokens, device {plain['device']}, "
           f"{plain['threads']} threads; plain fwd+bwd {plain['seconds'] * 1e3:.1f} ms, "
           f"{plain['peak_bytes'] / 2 ** 20:.1f} MiB")
-    print(f"{'outer step (1 inner step, K=3)':<34} {'ms':>9} {'x fwd+bwd':>10} {'MiB':>9} {'x memory':>9}")
-    for name, r in rows.items():
-        print(f"{name:<34} {r['seconds'] * 1e3:9.1f} {r['ratio']:10.2f} "
-              f"{r['peak_bytes'] / 2 ** 20:9.1f} {r['peak_bytes'] / max(plain['peak_bytes'], 1):9.2f}")
-    best = min((r["ratio"], n) for n, r in rows.items() if "loop" not in n)
-    loop = [r["ratio"] for n, r in rows.items() if "loop" in n]
-    print(f"headline: outer step = {best[0]:.2f}x a proxy fwd+bwd ({best[1]})"
-          + (f"; per-sample-loop recipe {loop[0]:.2f}x" if loop else ""))
+    print("| outer step (1 inner step, K=3) | loss | ms | x fwd+bwd | MiB | x memory |")
+    print("|---|---|---:|---:|---:|---:|")
+    for (name, loss), r in rows.items():
+        r["memory_ratio"] = r["peak_bytes"] / max(plain["peak_bytes"], 1)
+        print(f"| {name} | {fused_name if loss == 'fused' else loss} | {r['seconds'] * 1e3:.1f} | {r['ratio']:.2f} | "
+              f"{r['peak_bytes'] / 2 ** 20:.1f} | {r['memory_ratio']:.2f} |")
+    parts = []
+    for loss in args.losses.split(","):
+        candidates = [(r["ratio"], n) for (n, lo), r in rows.items() if lo == loss and "loop" not in n]
+        if candidates:
+            best = min(candidates)
+            parts.append(f"{loss} loss: fastest {best[0]:.2f}x a proxy fwd+bwd ({best[1]})")
+        gn = rows.get(("exact/gauss_newton", loss))
+        if gn is not None:
+            parts.append(f"{loss} exact/gauss_newton memory {gn['memory_ratio']:.2f}x")
+    print("headline: outer step, " + "; ".join(parts))
 
 
 if __name__ == "__main__":

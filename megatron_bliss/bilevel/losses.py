@@ -117,48 +117,22 @@ def weighted_lm_objective(logits: torch.Tensor, labels: torch.Tensor, weights: t
     """The logit-dependent part of G: ``(R Σ P_i CE_i + γ KL, ce [b], kl)``.
 
     Split from :func:`lower_level_loss` so the Gauss-Newton engine can differentiate it w.r.t. the logits alone.
-    Fused (:func:`megatron_bliss.ops.lm_loss.weighted_lm_loss`) when :func:`fused_loss` says so; both paths are
-    twice differentiable and equal to rounding (tested in float64).
+    Fused (:func:`megatron_bliss.ops.lm_loss.weighted_lm_loss`) when :func:`fused_loss` says so, else the unfused
+    graph (:func:`~megatron_bliss.ops.lm_loss.reference_weighted_lm_loss`); both are twice differentiable and equal
+    to rounding (tested in float64).
     """
-    if fused_loss(logits.device):
-        return lm_loss.weighted_lm_loss(logits, labels, weights, target_logits, gamma, None, dp_size, tp_group)
-    ce = ref.sequence_cross_entropy(logits, labels, tp_group=tp_group)
-    loss = dp_size * ref.weighted_sum(weights, ce)
-    kl = logits.new_zeros(())
-    if gamma and target_logits is not None:
-        kl = ref.kl_target_proxy(target_logits, logits, tp_group=tp_group)
-        loss = loss + gamma * kl
-    return loss, ce, kl
+    fn = lm_loss.weighted_lm_loss if fused_loss(logits.device) else lm_loss.reference_weighted_lm_loss
+    return fn(logits, labels, weights, target_logits, gamma, None, dp_size, tp_group)
 
 
 def weighted_lm_output_hvp(logits: torch.Tensor, weights: torch.Tensor, gamma: float, has_target: bool,
                            dp_size: int = 1, tp_group=None):
-    """Closed-form ``w ↦ ∇²_logits (R Σ P_i CE_i + γ KL) · w`` at ``logits``, for Gauss-Newton products.
-
-    Every position's cross-entropy and KL(p_target ‖ softmax(z)) have the same logit Hessian diag(q) − q qᵀ with
-    q = softmax(z) (the target's probabilities sum to one), so position t of sequence i contributes
-    ``(R P_i / n + γ / (b n)) (q ⊙ w − q (q · w))``, n = positions per sequence. Matches the double backward of
-    :func:`weighted_lm_objective` (tested); it costs two passes over the logits instead of a double backward. Fused
-    (:func:`megatron_bliss.ops.lm_loss.lm_output_hvp`: q recomputed per product, never stored; vocabulary-parallel)
-    when :func:`fused_loss` says so; the unfused version keeps q and needs TP=1.
-    """
-    if fused_loss(logits.device):
-        return lm_loss.lm_output_hvp(logits, weights, gamma, has_target, dp_size, tp_group=tp_group)
-    if tp_group is not None and parallel.group_size(tp_group) > 1:
-        raise ValueError("the unfused logit-space curvature product needs TP=1; build the _C extension")
-    b, n = logits.shape[:2]
-    q = torch.softmax(logits.detach().to(torch.float32 if logits.dtype in (torch.float16, torch.bfloat16)
-                                        else logits.dtype), dim=-1)
-    coeff = dp_size * weights.detach().to(q.dtype) / n
-    if gamma and has_target:
-        coeff = coeff + gamma / (b * n)
-    coeff = coeff.view(b, 1, 1)
-
-    def product(w: torch.Tensor) -> torch.Tensor:
-        w = w.to(q.dtype)
-        return coeff * q * (w - (q * w).sum(dim=-1, keepdim=True))
-
-    return product
+    """Closed-form ``w ↦ ∇²_logits (R Σ P_i CE_i + γ KL) · w`` at ``logits``, for Gauss-Newton products: fused
+    (:func:`megatron_bliss.ops.lm_loss.lm_output_hvp`) when :func:`fused_loss` says so, else
+    :func:`~megatron_bliss.ops.lm_loss.reference_lm_output_hvp`. Matches the double backward of
+    :func:`weighted_lm_objective` (tested); it costs two passes over the logits instead of a double backward."""
+    fn = lm_loss.lm_output_hvp if fused_loss(logits.device) else lm_loss.reference_lm_output_hvp
+    return fn(logits, weights, gamma, has_target, dp_size, None, tp_group)
 
 
 def lower_level_loss(proxy, score_model, tokens: torch.Tensor, target_logits: torch.Tensor | None, *,

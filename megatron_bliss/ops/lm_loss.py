@@ -37,10 +37,13 @@ import torch
 
 from megatron_bliss import parallel
 from megatron_bliss.ops import _ext
+from megatron_bliss.ops import reference as ref
 
 __all__ = [
     "weighted_lm_loss",
     "lm_output_hvp",
+    "reference_weighted_lm_loss",
+    "reference_lm_output_hvp",
     "lm_row_stats",
     "lm_row_dots",
     "lm_logit_grad",
@@ -339,5 +342,40 @@ def lm_output_hvp(logits: torch.Tensor, weights: torch.Tensor, gamma: float, has
         if _sharded(tp_group):
             qu = parallel.all_reduce(qu.clone(), tp_group)
         return lm_logit_grad(z, lse, None, None, no_labels, zeros, zeros, flat, coeff, qu).view(b, n, v)
+
+    return product
+
+
+# --------------------------------------------------------------------------------- the unfused reference graph
+def reference_weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                               target_logits: torch.Tensor | None = None, gamma: float = 0.0,
+                               loss_mask: torch.Tensor | None = None, dp_size: int = 1, tp_group=None):
+    """:func:`weighted_lm_loss` as the plain autograd graph of :mod:`megatron_bliss.ops.reference` (same arguments
+    and results): what runs without the compiled kernels. Twice differentiable at TP=1; first order at TP>1."""
+    ce = ref.sequence_cross_entropy(logits, labels, loss_mask, tp_group=tp_group)
+    loss = dp_size * ref.weighted_sum(weights, ce)
+    kl = ce.new_zeros(())
+    if gamma and target_logits is not None:
+        kl = ref.kl_target_proxy(target_logits, logits, loss_mask, tp_group=tp_group)
+        loss = loss + gamma * kl
+    return loss, ce, kl
+
+
+def reference_lm_output_hvp(logits: torch.Tensor, weights: torch.Tensor, gamma: float, has_target: bool,
+                            dp_size: int = 1, loss_mask: torch.Tensor | None = None, tp_group=None):
+    """:func:`lm_output_hvp` in plain PyTorch: keeps q = softmax(z) ``[b, n, V]`` for all products; TP=1 only."""
+    if _sharded(tp_group):
+        raise ValueError("the unfused logit-space curvature product needs TP=1; build the _C extension")
+    b, n = logits.shape[:2]
+    q = torch.softmax(logits.detach().to(_acc(logits.dtype)), dim=-1)
+    m = torch.ones(b, n, dtype=q.dtype, device=q.device) if loss_mask is None else loss_mask.to(q.dtype)
+    coeff = dp_size * weights.detach().to(q.dtype)[:, None] * m / m.sum(dim=1, keepdim=True).clamp_min(1.0)
+    if gamma and has_target:
+        coeff = coeff + gamma * m / m.sum().clamp_min(1.0)
+    coeff = coeff[..., None]
+
+    def product(u: torch.Tensor) -> torch.Tensor:
+        u = u.to(q.dtype)
+        return (coeff * q * (u - (q * u).sum(dim=-1, keepdim=True))).to(logits.dtype)
 
     return product

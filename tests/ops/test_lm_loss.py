@@ -11,7 +11,6 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from megatron_bliss.ops import _ext, lm_loss
-from megatron_bliss.ops import reference as ref
 from tests.conftest import REPO_ROOT, run_torchrun
 
 HAS_KERNELS = _ext.ext_available() and hasattr(_ext.get_ext(), "lm_row_stats")
@@ -26,15 +25,7 @@ def kernels(request, monkeypatch):
     return request.param
 
 
-def unfused(logits, labels, weights, target, gamma, mask, dp_size):
-    """The reference graph of megatron_bliss.bilevel.losses: per-sequence CE, KL, weighting."""
-    ce = ref.sequence_cross_entropy(logits, labels, mask)
-    loss = dp_size * ref.weighted_sum(weights, ce)
-    kl = logits.new_zeros(())
-    if gamma and target is not None:
-        kl = ref.kl_target_proxy(target, logits, mask)
-        loss = loss + gamma * kl
-    return loss, ce, kl
+unfused = lm_loss.reference_weighted_lm_loss
 
 
 def problem(dtype=torch.float64, b=3, n=4, v=11, seed=0, mask=False, target=True, weights="random"):
