@@ -3,6 +3,7 @@
 // Inputs that are not contiguous are copied to contiguous tensors first; a non-contiguous tensor updated in place is
 // computed into a contiguous buffer and copied back. Tensors written in place get their autograd version counter
 // bumped, as a PyTorch in-place op would. The ops are not differentiable.
+#include "lm_loss.h"
 #include "multi_tensor.h"
 
 #include <ATen/ops/empty.h>
@@ -10,6 +11,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
+#include <optional>
 #include <string>
 
 namespace megatron_bliss {
@@ -166,6 +168,123 @@ void multi_tensor_axpby(const TensorList& out, const TensorList& xs, const Tenso
   targets.finish();
 }
 
+// ------------------------------------------------------------------------------------------------- LM row kernels
+// Statistics dtype of logits of dtype `t`: float64 for float64, float32 otherwise.
+at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Checks the logits z: a 2-D [rows, vocab] tensor of a supported floating dtype on the CPU or a CUDA device.
+at::Tensor checked_logits(const char* op, const at::Tensor& z) {
+  TORCH_CHECK(z.defined(), op, ": z is undefined");
+  TORCH_CHECK(supported_dtype(z.scalar_type()), op, ": logits dtype ", z.scalar_type(),
+              " is not supported (float32, float64, bfloat16, float16)");
+  TORCH_CHECK(z.dim() == 2, op, ": logits must be 2-D [rows, vocab], got shape ", z.sizes());
+  check_device(op, z.device());
+  return z.contiguous();
+}
+
+// A tensor shaped like the logits (zt, u): z's dtype, shape and device. Contiguous, or undefined when absent.
+at::Tensor checked_like_logits(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                               const at::Tensor& z) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->scalar_type() == z.scalar_type(), op, ": ", name, " has dtype ", t->scalar_type(),
+              " but the logits z have dtype ", z.scalar_type(), " (they must match)");
+  TORCH_CHECK(t->sizes() == z.sizes(), op, ": ", name, " has shape ", t->sizes(), " but the logits z have shape ",
+              z.sizes());
+  TORCH_CHECK(t->device() == z.device(), op, ": ", name, " is on ", t->device(), " but the logits z are on ",
+              z.device());
+  return t->contiguous();
+}
+
+// A per-row vector (lse, lse_t, alpha, beta, w, qu): [rows] of the statistics dtype, on z's device. Contiguous, or
+// undefined when absent and not `required`; `why` says when it is required.
+at::Tensor checked_row_vector(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                              const at::Tensor& z, bool required, const char* why) {
+  if (!t.has_value() || !t->defined()) {
+    TORCH_CHECK(!required, op, ": ", name, " is required ", why);
+    return at::Tensor();
+  }
+  const at::ScalarType acc = stat_dtype(z.scalar_type());
+  TORCH_CHECK(t->scalar_type() == acc, op, ": ", name, " has dtype ", t->scalar_type(), ", expected ", acc,
+              " (the statistics dtype of ", z.scalar_type(), " logits)");
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == z.size(0), op, ": ", name, " has shape ", t->sizes(), ", expected [",
+              z.size(0), "] (one value per row of the logits)");
+  TORCH_CHECK(t->device() == z.device(), op, ": ", name, " is on ", t->device(), " but the logits z are on ",
+              z.device());
+  return t->contiguous();
+}
+
+at::Tensor checked_labels(const char* op, const at::Tensor& labels, const at::Tensor& z) {
+  TORCH_CHECK(labels.defined(), op, ": labels is undefined");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels has dtype ", labels.scalar_type(),
+              ", expected int64 (shard-local indices, -1 outside the shard)");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == z.size(0), op, ": labels has shape ", labels.sizes(),
+              ", expected [", z.size(0), "] (one label per row of the logits)");
+  TORCH_CHECK(labels.device() == z.device(), op, ": labels is on ", labels.device(), " but the logits z are on ",
+              z.device());
+  return labels.contiguous();
+}
+
+at::Tensor lm_row_stats(const at::Tensor& z, const std::optional<at::Tensor>& zt, const at::Tensor& labels) {
+  const char* op = "lm_row_stats";
+  const at::Tensor zc = checked_logits(op, z);
+  TORCH_CHECK(zc.size(1) > 0, op, ": the vocabulary shard is empty (logits of shape ", zc.sizes(), ")");
+  const at::Tensor tc = checked_like_logits(op, "zt", zt, zc);
+  const at::Tensor yc = checked_labels(op, labels, zc);
+  if (zc.is_cuda()) {
+#ifdef WITH_CUDA
+    return lm_row_stats_cuda(zc, tc, yc);
+#else
+    no_cuda(op);
+#endif
+  }
+  return lm_row_stats_cpu(zc, tc, yc);
+}
+
+at::Tensor lm_row_dots(const at::Tensor& z, const at::Tensor& lse, const std::optional<at::Tensor>& zt,
+                       const std::optional<at::Tensor>& lse_t, const at::Tensor& labels, const at::Tensor& u) {
+  const char* op = "lm_row_dots";
+  const at::Tensor zc = checked_logits(op, z);
+  const at::Tensor lc = checked_row_vector(op, "lse", lse, zc, true, "");
+  const at::Tensor tc = checked_like_logits(op, "zt", zt, zc);
+  const at::Tensor ltc = tc.defined() ? checked_row_vector(op, "lse_t", lse_t, zc, true, "with zt") : at::Tensor();
+  const at::Tensor yc = checked_labels(op, labels, zc);
+  TORCH_CHECK(u.defined(), op, ": u is undefined");
+  const at::Tensor uc = checked_like_logits(op, "u", u, zc);
+  if (zc.is_cuda()) {
+#ifdef WITH_CUDA
+    return lm_row_dots_cuda(zc, lc, tc, ltc, yc, uc);
+#else
+    no_cuda(op);
+#endif
+  }
+  return lm_row_dots_cpu(zc, lc, tc, ltc, yc, uc);
+}
+
+at::Tensor lm_logit_grad(const at::Tensor& z, const at::Tensor& lse, const std::optional<at::Tensor>& zt,
+                         const std::optional<at::Tensor>& lse_t, const at::Tensor& labels, const at::Tensor& alpha,
+                         const at::Tensor& beta, const std::optional<at::Tensor>& u,
+                         const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& qu) {
+  const char* op = "lm_logit_grad";
+  const at::Tensor zc = checked_logits(op, z);
+  const at::Tensor lc = checked_row_vector(op, "lse", lse, zc, true, "");
+  const at::Tensor tc = checked_like_logits(op, "zt", zt, zc);
+  const at::Tensor ltc = tc.defined() ? checked_row_vector(op, "lse_t", lse_t, zc, true, "with zt") : at::Tensor();
+  const at::Tensor yc = checked_labels(op, labels, zc);
+  const at::Tensor ac = checked_row_vector(op, "alpha", alpha, zc, true, "");
+  const at::Tensor bc = checked_row_vector(op, "beta", beta, zc, true, "");
+  const at::Tensor uc = checked_like_logits(op, "u", u, zc);
+  const at::Tensor wc = uc.defined() ? checked_row_vector(op, "w", w, zc, true, "with u") : at::Tensor();
+  const at::Tensor qc = uc.defined() ? checked_row_vector(op, "qu", qu, zc, true, "with u") : at::Tensor();
+  if (zc.is_cuda()) {
+#ifdef WITH_CUDA
+    return lm_logit_grad_cuda(zc, lc, tc, ltc, yc, ac, bc, uc, wc, qc);
+#else
+    no_cuda(op);
+#endif
+  }
+  return lm_logit_grad_cpu(zc, lc, tc, ltc, yc, ac, bc, uc, wc, qc);
+}
+
 bool has_cuda() {
 #ifdef WITH_CUDA
   return true;
@@ -180,7 +299,8 @@ bool has_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace megatron_bliss;
-  m.doc() = "megatron_bliss C++/CUDA multi-tensor ops; call them through megatron_bliss.ops";
+  m.doc() =
+      "megatron_bliss C++/CUDA multi-tensor ops and LM loss row kernels; call them through megatron_bliss.ops";
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("multi_tensor_dot", &multi_tensor_dot, nogil, py::arg("xs"), py::arg("ys"),
         "Per-tensor dot products <x_k, y_k> as a float64 tensor [n].");
@@ -191,5 +311,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(before clipping) as a float64 tensor [n].");
   m.def("multi_tensor_axpby", &multi_tensor_axpby, nogil, py::arg("out"), py::arg("xs"), py::arg("ys"), py::arg("a"),
         py::arg("b"), "In place: out_k = a*x_k + b*y_k (out_k may be x_k or y_k).");
+  m.def("lm_row_stats", &lm_row_stats, nogil, py::arg("z"), py::arg("zt"), py::arg("labels"),
+        "Per-row LM statistics [R, 6] (statistics dtype): max z, sum exp(z - max), z[label] (0 outside the shard), "
+        "max zt, sum exp(zt - max_t), sum exp(zt - max_t) (zt - z) (the last three 0 when zt is None).");
+  m.def("lm_row_dots", &lm_row_dots, nogil, py::arg("z"), py::arg("lse"), py::arg("zt"), py::arg("lse_t"),
+        py::arg("labels"), py::arg("u"),
+        "Per-row [R, 3]: q.u, p.u (0 when zt is None), u[label] (0 outside the shard); q = exp(z - lse), "
+        "p = exp(zt - lse_t).");
+  m.def("lm_logit_grad", &lm_logit_grad, nogil, py::arg("z"), py::arg("lse"), py::arg("zt"), py::arg("lse_t"),
+        py::arg("labels"), py::arg("alpha"), py::arg("beta"), py::arg("u"), py::arg("w"), py::arg("qu"),
+        "alpha (q - e_label) + beta (q - p) + w q (u - qu) [R, V] in the logits' dtype (p term only with zt, "
+        "w term only with u).");
   m.def("has_cuda", &has_cuda, "Whether this build has the CUDA kernels.");
 }
