@@ -4,55 +4,36 @@
     result, peak = peak_tensor_bytes(fn)
 
 CUDA: ``torch.cuda.max_memory_allocated`` after a reset, minus what was allocated before. CPU has no allocator
-statistics, so :class:`CpuTensorMemory` counts them itself: a ``TorchDispatchMode`` sees every tensor an operator
-returns (forward and backward), adds the bytes of each new storage when it appears and removes them when the
-storage is freed (a ``weakref.finalize`` on it). The peak is that of tensors allocated inside the block and alive at
-the same time: inputs and anything allocated before do not count, scratch memory inside one C++ kernel does not
-either (the fused kernels allocate none besides their outputs). Unlike the process's resident set size it is not
-blurred by allocator caching or by other threads. The mode slows operators down: never time inside it.
+statistics, so the call runs under ``torch.profiler`` with ``profile_memory=True``, which records every allocation
+and free of PyTorch's CPU allocator (forward, backward and forward-mode passes, C++ kernels included) with its size
+and time. The peak is the largest running sum of those events: the most memory the block held at once beyond what
+was held before it (a free of an older tensor counts against it). Unlike the process's resident set size it is not
+blurred by allocator caching, by the interpreter or by other threads. The profiler slows the call down: never time
+inside it.
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 
-class CpuTensorMemory(TorchDispatchMode):
-    """Live and peak bytes of the CPU storages created while the mode is active."""
+def _cpu_peak(fn):
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
 
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._alive: set[int] = set()
-
-    def _track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key, size = storage.data_ptr(), storage.nbytes()
-        if size == 0 or key in self._alive:
-            return
-        self._alive.add(key)
-        self.live += size
-        self.peak = max(self.peak, self.live)
-
-        def freed(key=key, size=size):
-            self.live -= size
-            self._alive.discard(key)
-
-        weakref.finalize(storage, freed)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage().data_ptr() not in inputs:
-                self._track(t)
-        return out
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
+            events.append((node.start_time_ns, node.typed[1].alloc_size))
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return result, peak
 
 
 def peak_tensor_bytes(fn, device: torch.device | str = "cpu"):
@@ -65,7 +46,4 @@ def peak_tensor_bytes(fn, device: torch.device | str = "cpu"):
         result = fn()
         torch.cuda.synchronize()
         return result, torch.cuda.max_memory_allocated() - base
-    mode = CpuTensorMemory()
-    with mode:
-        result = fn()
-    return result, mode.peak
+    return _cpu_peak(fn)

@@ -306,6 +306,7 @@ class GaussNewton(CurvatureOperator):
             w = self._output_hvp(jv)
         else:
             w = torch.autograd.grad(self._grad_out, self._leaf, grad_outputs=jv, retain_graph=True)[0]
+        del jv  # one vocabulary-sized buffer fewer during the backward
         out = self._kept.vjp(w)
         if self._param_grads is not None:
             live = [i for i, g in enumerate(self._param_grads) if g is not None and g.requires_grad]

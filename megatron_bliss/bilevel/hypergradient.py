@@ -30,6 +30,7 @@ from megatron_bliss.bilevel import solvers
 from megatron_bliss.bilevel.config import BilevelConfig
 from megatron_bliss.bilevel.losses import (
     Normalizer,
+    fused_loss,
     resolve_group,
     sequence_weights,
     validation_loss,
@@ -38,6 +39,7 @@ from megatron_bliss.bilevel.losses import (
 )
 from megatron_bliss.data.loader import split_next_token
 from megatron_bliss.models.gpt import gpt_logits
+from megatron_bliss.ops import lm_loss
 from megatron_bliss.ops import reference as ref
 
 logger = logging.getLogger(__name__)
@@ -159,11 +161,9 @@ def per_sample_directional(proxy, inputs, labels, z, method: str, eps: float) ->
 
 def per_sample_directional_from_outputs(logits, jv, labels) -> tuple:
     """``(CE [b], c [b])`` from the outputs at θ and their directional derivative J·z: c_i = Σ_t ⟨∂CE_i/∂z_t, (Jz)_t⟩
-    (one softmax pass; no model pass)."""
-    leaf = logits.detach().requires_grad_(True)
-    ce = ref.sequence_cross_entropy(leaf, labels)
-    (grad,) = torch.autograd.grad(ce.sum(), leaf)  # position t of sequence i only enters CE_i
-    return ce.detach(), (grad * jv.to(grad.dtype)).sum(dim=(1, 2))
+    (no model pass; fused row passes when the lower-level loss is fused)."""
+    fn = lm_loss.sequence_directional if fused_loss(logits.device) else lm_loss.reference_sequence_directional
+    return fn(logits, labels, jv)
 
 
 def per_sample_directional_loop(proxy, inputs, labels, z) -> tuple:
@@ -252,10 +252,13 @@ def score_hypergradient(score_model, proxy, train_batch, val_batch, target_logit
         loop = choice.mixed_term == "loop"
         exact_jvp = choice.mixed_term == "jvp" and choice.engine == "exact"
         jz = operator.output_jvp(z) if exact_jvp else None
+        outputs = operator.outputs() if jz is not None else None
+        operator.close()  # the solve's graphs are not needed any more: free them before the mixed term
         if loop:
             ce, c = per_sample_directional_loop(proxy, inputs, labels, z)
         elif jz is not None:  # J·z from the graph the operator kept for the solve
-            ce, c = per_sample_directional_from_outputs(operator.outputs(), jz, labels)
+            ce, c = per_sample_directional_from_outputs(outputs, jz, labels)
+            del jz, outputs
         else:
             ce, c = per_sample_directional(proxy, inputs, labels, z, choice.mixed_term, config.fd_eps)
     finally:

@@ -108,8 +108,9 @@ class LowerLevelLoss:
 def fused_loss(device: torch.device) -> bool:
     """Whether the lower-level loss runs fused on ``device`` (:mod:`megatron_bliss.ops.lm_loss` on the compiled
     kernels) rather than as the unfused autograd graph of :mod:`megatron_bliss.ops.reference`.
-    ``MEGATRON_BLISS_DISABLE_EXT=1`` forces the unfused reference."""
-    return lm_loss.fused_loss_path(device) == "_C"
+    ``MEGATRON_BLISS_DISABLE_EXT=1`` forces the unfused reference, and so do ``torch.func`` transforms (``vmap``,
+    ``jacrev``, ``hessian``: the compiled kernels have no batching rule), which dense checks use."""
+    return lm_loss.fused_loss_path(device) == "_C" and not torch._C._are_functorch_transforms_active()
 
 
 def weighted_lm_objective(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,

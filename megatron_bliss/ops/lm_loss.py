@@ -44,6 +44,8 @@ __all__ = [
     "lm_output_hvp",
     "reference_weighted_lm_loss",
     "reference_lm_output_hvp",
+    "sequence_directional",
+    "reference_sequence_directional",
     "lm_row_stats",
     "lm_row_dots",
     "lm_logit_grad",
@@ -344,6 +346,32 @@ def lm_output_hvp(logits: torch.Tensor, weights: torch.Tensor, gamma: float, has
         return lm_logit_grad(z, lse, None, None, no_labels, zeros, zeros, flat, coeff, qu).view(b, n, v)
 
     return product
+
+
+def sequence_directional(logits: torch.Tensor, labels: torch.Tensor, direction: torch.Tensor, tp_group=None):
+    """``(CE [b], c [b])``: each sequence's mean CE and its derivative along a logit direction,
+    c_i = mean_t ⟨∂ce_it/∂z_it, d_it⟩ = mean_t (q·d − d[y]) (the mixed term's c_i = ⟨∇θ CE_i, z⟩ from J·z).
+
+    Two passes over the logits and one over ``direction``, no vocabulary-sized temporary; vocabulary-parallel.
+    """
+    b, n, v = logits.shape
+    z = logits.detach().reshape(b * n, v)
+    local = _local_labels(labels.reshape(-1), v, tp_group)
+    lse, zy = _combine_stats(lm_row_stats(z, None, local), False, tp_group)[:, :2].unbind(-1)
+    dots = lm_row_dots(z, lse, None, None, local, direction.detach().reshape(b * n, v).to(z.dtype))
+    if _sharded(tp_group):
+        dots = parallel.all_reduce(dots.clone(), tp_group)
+    return (lse - zy).view(b, n).mean(dim=1), (dots[:, 0] - dots[:, 2]).view(b, n).mean(dim=1)
+
+
+def reference_sequence_directional(logits: torch.Tensor, labels: torch.Tensor, direction: torch.Tensor,
+                                   tp_group=None):
+    """:func:`sequence_directional` by autograd through :func:`~megatron_bliss.ops.reference.sequence_cross_entropy`
+    (one softmax and one gradient the size of the logits)."""
+    leaf = logits.detach().requires_grad_(True)
+    ce = ref.sequence_cross_entropy(leaf, labels, tp_group=tp_group)
+    (grad,) = torch.autograd.grad(ce.sum(), leaf)  # position t of sequence i only enters CE_i
+    return ce.detach(), (grad * direction.to(grad.dtype)).sum(dim=(1, 2))
 
 
 # --------------------------------------------------------------------------------- the unfused reference graph
