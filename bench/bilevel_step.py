@@ -7,7 +7,8 @@ forward+backward (megatron-core's fused cross-entropy, as in pretraining); an ou
 :class:`BilevelTrainer.outer_step` does with ``inner_steps=1`` and the method's z-solve (K = 3 SGD steps, no residual
 measurement): one inner proxy step (score forward, proxy forward+backward, AdamW), the validation gradient, three
 curvature products, the batched mixed term and one score backward, then the score AdamW step. Variants: the HVP
-engine x curvature, and the per-sample loop of the authors' recipe for the mixed term (reference only).
+engine x curvature, the per-sample loop of the authors' recipe for the mixed term (reference only), and the
+amortized solver (``solver: amortized``, K = 1: the kept z's residual and one CG iteration, two products).
 
 Each variant runs with the lower-level loss fused (``megatron_bliss.ops.lm_loss`` on the compiled kernels, when
 the extension has them) and unfused (the reference autograd graph); nothing else differs between the two rows.
@@ -35,12 +36,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 VARIANTS = {
-    # name: (hvp_engine, curvature, mixed_term)
-    "exact/hessian": ("exact", "hessian", "jvp"),
-    "exact/gauss_newton": ("exact", "gauss_newton", "jvp"),
-    "finite_difference/hessian": ("finite_difference", "hessian", "finite_difference"),
-    "finite_difference/gauss_newton": ("finite_difference", "gauss_newton", "finite_difference"),
-    "exact/hessian + per-sample loop": ("exact", "hessian", "loop"),
+    # name: (hvp_engine, curvature, mixed_term, solver, solver_steps)
+    "exact/hessian": ("exact", "hessian", "jvp", "sgd", 3),
+    "exact/gauss_newton": ("exact", "gauss_newton", "jvp", "sgd", 3),
+    "finite_difference/hessian": ("finite_difference", "hessian", "finite_difference", "sgd", 3),
+    "finite_difference/gauss_newton": ("finite_difference", "gauss_newton", "finite_difference", "sgd", 3),
+    "exact/hessian + per-sample loop": ("exact", "hessian", "loop", "sgd", 3),
+    "exact/gauss_newton amortized K=1": ("exact", "gauss_newton", "jvp", "amortized", 1),
+    "finite_difference/gauss_newton amortized K=1": ("finite_difference", "gauss_newton", "finite_difference",
+                                                     "amortized", 1),
 }
 
 
@@ -81,9 +85,9 @@ def run_one(args) -> dict:
     train = rng.integers(0, cfg.vocab_size, (n, args.seq + 1))
     val_tokens = rng.integers(0, cfg.vocab_size, (n, args.seq + 1))
     val_mask = np.ones_like(val_tokens, dtype=np.float32)
-    engine, curvature, mixed = VARIANTS.get(args.variant, ("exact", "hessian", "jvp"))
-    b = BilevelConfig(kl_coef=0.0, hvp_engine=engine, curvature=curvature, mixed_term=mixed, solver="sgd",
-                      solver_steps=3, residual_interval=0, micro_batch_size=args.micro_batch,
+    engine, curvature, mixed, solver, steps = VARIANTS.get(args.variant, ("exact", "hessian", "jvp", "sgd", 3))
+    b = BilevelConfig(kl_coef=0.0, hvp_engine=engine, curvature=curvature, mixed_term=mixed, solver=solver,
+                      solver_steps=steps, residual_interval=0, micro_batch_size=args.micro_batch,
                       val_micro_batch_size=args.micro_batch, outer_steps=10 ** 6,
                       tensorboard=False, eval_interval=0, save_interval=10 ** 6)
     trainer = BilevelTrainer(BilevelRunConfig(proxy=cfg, bilevel=b), BilevelPaths(output_dir=args.workdir), train,
@@ -168,7 +172,7 @@ def main() -> None:
     print(f"proxy {args.preset}, micro-batch {args.micro_batch} x {args.seq} tokens, device {plain['device']}, "
           f"{plain['threads']} threads; plain fwd+bwd {plain['seconds'] * 1e3:.1f} ms, "
           f"{plain['peak_bytes'] / 2 ** 20:.1f} MiB")
-    print("| outer step (1 inner step, K=3) | loss | ms | x fwd+bwd | MiB | x memory |")
+    print("| outer step (1 inner step; K=3 unless named) | loss | ms | x fwd+bwd | MiB | x memory |")
     print("|---|---|---:|---:|---:|---:|")
     for (name, loss), r in rows.items():
         r["memory_ratio"] = r["peak_bytes"] / max(plain["peak_bytes"], 1)

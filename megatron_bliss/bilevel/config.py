@@ -16,7 +16,7 @@ from megatron_bliss.parallel import ParallelConfig
 
 HVP_ENGINES = ("auto", "exact", "finite_difference")
 CURVATURES = ("hessian", "gauss_newton")
-SOLVERS = ("sgd", "cg")
+SOLVERS = ("sgd", "cg", "amortized")
 SOLVER_INITS = ("one_over_numel", "warm", "zero")
 Z_REDUCTIONS = ("global", "average_z")
 MIXED_TERMS = ("auto", "jvp", "finite_difference", "loop")
@@ -41,9 +41,11 @@ class BilevelConfig:
     fd_eps: float = 1e-2
     """Finite differences: norm of the parameter perturbation ε·v/‖v‖ (fp32 needs about 1e-2; fp64 1e-4)."""
     solver: str = "sgd"
-    """Inverse-HVP solver for z ≈ (H + μI)⁻¹ ∇f: 'sgd' (the method's K damped steps) or 'cg' (conjugate gradient)."""
+    """Inverse-HVP solver for z ≈ (H + μI)⁻¹ ∇f: 'sgd' (the method's K damped steps), 'cg' (conjugate gradient), or
+    'amortized' (z kept across outer steps and advanced by K conjugate-gradient iterations on each step's batch:
+    the warm-started stochastic scheme of SOBA/AmIGO; use it with Gauss-Newton curvature and K = 1 or 2)."""
     solver_steps: int = 3
-    """K: SGD steps, or the most CG iterations."""
+    """K: SGD steps, the most CG iterations, or the amortized solver's CG iterations per outer step."""
     solver_lr: float = 1e-2
     """η_z: SGD step size."""
     damping: float = 1e-2

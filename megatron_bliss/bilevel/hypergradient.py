@@ -134,7 +134,14 @@ def lower_level_objective(proxy, tokens, weights, target_logits, config: Bilevel
 
 
 def solve_z(operator, g, config: BilevelConfig, z_init=None, compute_residual: bool = True) -> solvers.SolveResult:
-    """Runs the configured solver on (C + μI) z = g from the configured start."""
+    """Runs the configured solver on (C + μI) z = g from the configured start.
+
+    ``amortized`` continues from ``z_init`` (the z kept from the previous outer step; zero at a round's start) with
+    ``solver_steps`` CG iterations on this batch's system: one product for the kept z's residual, one per iteration.
+    """
+    if config.solver == "amortized":
+        return solvers.solve_cg(operator, g, max_steps=config.solver_steps, damping=config.damping,
+                                tol=config.cg_tol, z0=z_init, compute_residual=compute_residual)
     if config.solver_init == "warm" and z_init is not None:
         z0 = z_init
     elif config.solver_init == "zero":

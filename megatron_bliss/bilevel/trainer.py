@@ -191,7 +191,8 @@ class BilevelTrainer:
             self._apply(self.score_opt, params, res.grads,
                         cosine_lr(self.step, b.outer_steps, b.score_lr, b.warmup_fraction, b.min_lr_ratio))
             self.normalizer = res.normalizer
-            self.z = [z.detach() for z in res.z] if b.solver_init == "warm" else None
+            keep = b.solver == "amortized" or b.solver_init == "warm"
+            self.z = [z.detach() for z in res.z] if keep else None
             self.skipped["consecutive"] = 0
         else:
             self._skip("outer", f"non-finite hypergradient at outer step {self.step}")
@@ -202,6 +203,8 @@ class BilevelTrainer:
         metrics.update({f"time_{k}": v for k, v in res.timings.items()})
         if res.solve.negative_curvature:
             metrics["z_negative_curvature"] = 1
+        if b.solver == "amortized" and res.solve.history:  # the kept z's residual on this batch, before its update
+            metrics["z_residual_kept"] = res.solve.history[0]
         return metrics
 
     @torch.no_grad()

@@ -171,3 +171,28 @@ def test_fused_loss_gives_the_reference_hypergradient(setup, monkeypatch, engine
         fused = score_hypergradient(score, proxy, tokens, val, tl, cfg)
         assert _rel(fused.grads, reference.grads) < 1e-10, name
         assert _rel(fused.z, reference.z) < 1e-10, name
+
+
+def test_amortized_steps_on_a_fixed_batch_converge_to_the_dense_solve(setup):
+    from megatron_bliss.bilevel import hvp as hvp_mod
+    from megatron_bliss.bilevel.hypergradient import lower_level_objective, solve_z
+
+    proxy, score, tokens, val, tl = setup
+    mu = 0.5
+    _, z_ref, _ = _dense_reference(proxy, score, tokens, val, tl, "gauss_newton", mu)
+    params = list(proxy.parameters())
+    loss, _ = validation_loss(proxy, val["tokens"], val["loss_mask"])
+    g = list(torch.autograd.grad(loss, params))
+    with torch.no_grad():
+        weights, _ = sequence_weights(score(tokens))
+    config = _exact_config(curvature="gauss_newton", damping=mu, solver="amortized", solver_steps=1, cg_tol=1e-14)
+    operator = hvp_mod.build_operator(lower_level_objective(proxy, tokens, weights, tl, config), "exact",
+                                      "gauss_newton")
+    z, residuals = None, []
+    for _ in range(400):  # one CG iteration per outer step from the kept z, as the trainer runs it
+        solve = solve_z(operator, g, config, z_init=z, compute_residual=False)
+        z = solve.z
+        residuals.append(solve.history[0])
+    operator.close()
+    assert residuals[10] < residuals[0] and residuals[-1] < 1e-9
+    assert _rel(z, tiny.unflat(z_ref, z)) < 1e-8

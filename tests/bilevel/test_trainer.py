@@ -58,12 +58,15 @@ def _comparable(records):
 
 
 @pytest.mark.slow
-def test_cli_round_resumes_after_kill_with_identical_metrics(tmp_path):
+@pytest.mark.parametrize("solver", [{"solver_init": "warm"},
+                                    {"solver": "amortized", "curvature": "gauss_newton", "solver_steps": 1}],
+                         ids=["sgd warm", "amortized"])
+def test_cli_round_resumes_after_kill_with_identical_metrics(tmp_path, solver):
     train, val = realtext.build_prefixes(str(tmp_path))
     config = {"proxy": PROXY, "bilevel": {
         "kl_coef": 0.0, "outer_steps": 8, "micro_batch_size": 4, "val_micro_batch_size": 4,
         "save_interval": 2, "eval_interval": 4, "score_lr": 1e-3, "proxy_lr": 1e-3,
-        "solver_init": "warm", "tensorboard": False}, "paths": {"train_prefix": train, "val_prefix": val}}
+        "tensorboard": False, **solver}, "paths": {"train_prefix": train, "val_prefix": val}}
     path = tmp_path / "round.yaml"
     path.write_text(yaml.safe_dump(config))
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -85,6 +88,8 @@ def test_cli_round_resumes_after_kill_with_identical_metrics(tmp_path):
     assert _comparable(resumed) == _comparable(expected)
     assert {"val_loss", "lower_loss", "lower_kl", "weight_entropy", "score_std", "z_residual", "time_solve",
             "eval_loss"} <= set(expected[-1])
+    if solver.get("solver") == "amortized":  # z carried across steps and through the checkpoint
+        assert "z_residual_kept" in expected[-1] and expected[-1]["z_products"] == 3  # kept r, 1 CG step, residual
     assert (full / "score" / "bliss_checkpoint.json").exists() and (full / "config.yaml").exists()
     # a finished round reruns as a no-op
     _cli(path, f"--paths.output_dir={full}")
