@@ -420,8 +420,9 @@ def resolve_engine(hvp_engine: str, mixed_term: str, curvature: str, *, attentio
         raise ValueError(f"bilevel.hvp_engine=finite_difference with {params_dtype} parameters: central differences "
                          "need fp32/fp64 weights")
     if curvature == "gauss_newton" and tp_size > 1:
-        raise ValueError("bilevel.curvature=gauss_newton needs tensor_model_parallel_size=1 (its output-space "
-                         "Hessian goes through a double backward of the vocabulary-parallel loss)")
+        raise ValueError("bilevel.curvature=gauss_newton needs tensor_model_parallel_size=1: its logit-space product "
+                         "is vocabulary-parallel, but the solver's and the finite-difference step's inner products "
+                         "over tensor-parallel parameter shards are not reduced yet")
     if mixed_term == "auto":
         mixed_term = "jvp" if not exact_blockers else "finite_difference"
     elif mixed_term == "jvp" and exact_blockers:

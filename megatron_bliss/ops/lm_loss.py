@@ -391,11 +391,11 @@ def reference_weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weigh
 
 def reference_lm_output_hvp(logits: torch.Tensor, weights: torch.Tensor, gamma: float, has_target: bool,
                             dp_size: int = 1, loss_mask: torch.Tensor | None = None, tp_group=None):
-    """:func:`lm_output_hvp` in plain PyTorch: keeps q = softmax(z) ``[b, n, V]`` for all products; TP=1 only."""
-    if _sharded(tp_group):
-        raise ValueError("the unfused logit-space curvature product needs TP=1; build the _C extension")
+    """:func:`lm_output_hvp` in plain PyTorch: keeps q = softmax(z) ``[b, n, V(/tp)]`` for all products
+    (vocabulary-parallel: the logsumexp and q·u are reduced over ``tp_group``)."""
     b, n = logits.shape[:2]
-    q = torch.softmax(logits.detach().to(_acc(logits.dtype)), dim=-1)
+    z = logits.detach().to(_acc(logits.dtype))
+    q = torch.exp(z - ref.logsumexp(z, tp_group).unsqueeze(-1)) if _sharded(tp_group) else torch.softmax(z, dim=-1)
     m = torch.ones(b, n, dtype=q.dtype, device=q.device) if loss_mask is None else loss_mask.to(q.dtype)
     coeff = dp_size * weights.detach().to(q.dtype)[:, None] * m / m.sum(dim=1, keepdim=True).clamp_min(1.0)
     if gamma and has_target:
@@ -404,6 +404,9 @@ def reference_lm_output_hvp(logits: torch.Tensor, weights: torch.Tensor, gamma: 
 
     def product(u: torch.Tensor) -> torch.Tensor:
         u = u.to(q.dtype)
-        return (coeff * q * (u - (q * u).sum(dim=-1, keepdim=True))).to(logits.dtype)
+        qu = (q * u).sum(dim=-1, keepdim=True)
+        if _sharded(tp_group):
+            qu = parallel.all_reduce(qu, tp_group)
+        return (coeff * q * (u - qu)).to(logits.dtype)
 
     return product

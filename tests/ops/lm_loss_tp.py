@@ -47,16 +47,17 @@ def main(kernels: str) -> None:
         gz, gp = torch.autograd.grad(loss, (z, p), create_graph=True)
         hz, hp = torch.autograd.grad((gz * direction).sum(), (z, p))
         prod = lm_loss.lm_output_hvp(logits, weights, 0.3, True, 2, mask, tp)(direction)
+        prod_ref = lm_loss.reference_lm_output_hvp(logits, weights, 0.3, True, 2, mask, tp)(direction)
         with fwAD.dual_level():
             dual = lm_loss.weighted_lm_loss(fwAD.make_dual(logits, direction), labels, weights, tgt, 0.3, mask, 2,
                                             tp)
             tangent = fwAD.unpack_dual(dual[0]).tangent
         return {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach(), "grad": gz.detach(), "grad_w": gp.detach(),
-                "hvp": hz, "hvp_w": hp, "output_hvp": prod, "jvp": tangent}
+                "hvp": hz, "hvp_w": hp, "output_hvp": prod, "reference_output_hvp": prod_ref, "jvp": tangent}
 
     sharded = run(full[..., cut], target[..., cut], group, u[..., cut])
     whole = run(full, target, None, u)
-    for key in ("grad", "hvp", "output_hvp"):
+    for key in ("grad", "hvp", "output_hvp", "reference_output_hvp"):
         whole[key] = whole[key][..., cut]
     for key, value in whole.items():
         errors[key] = rel(sharded[key], value)
