@@ -78,13 +78,53 @@ def module_forward(module, call: Callable) -> Callable[[Sequence[torch.Tensor] |
 
 # ----------------------------------------------------------------------------------------------- tensor-list helpers
 def dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ_k ⟨x_k, y_k⟩ in float64."""
+    """Σ_k ⟨x_k, y_k⟩ in float64 (this process's tensors; see :class:`ParamSpace` under tensor parallelism)."""
     return sum((x.double() * y.double()).sum() for x, y in zip(xs, ys))
 
 
 def norm(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     """‖x‖ over all tensors, in float64."""
     return dot(xs, xs).sqrt()
+
+
+class ParamSpace:
+    """Inner products of tensor lists aligned with a model's parameters, over the whole model.
+
+    Under tensor parallelism a rank holds a shard of each tensor-parallel parameter (megatron-core marks them
+    ``tensor_model_parallel``) and a full copy of the others: a shard's partial sums are added over the
+    tensor-parallel group, a replicated tensor counts once. At TP=1 these are the plain :func:`dot` and :func:`norm`.
+
+    Args:
+        params: the parameters the lists are aligned with.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self.group = parallel.tensor_parallel_group() if parallel.tensor_parallel_size() > 1 else None
+        self.sharded = [bool(getattr(p, "tensor_model_parallel", False)) for p in params]
+
+    def _reduce(self, sharded: torch.Tensor) -> torch.Tensor:
+        return parallel.all_reduce(sharded.clone(), self.group) if self.group is not None else sharded
+
+    def dot(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Σ_k ⟨x_k, y_k⟩ over the whole model, in float64."""
+        if self.group is None:
+            return dot(xs, ys)
+        parts = torch.zeros(2, dtype=torch.float64, device=xs[0].device)
+        for x, y, shard in zip(xs, ys, self.sharded):
+            parts[int(shard)] += (x.double() * y.double()).sum()
+        return parts[0] + self._reduce(parts[1:])[0]
+
+    def norm(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """‖x‖ over the whole model, in float64."""
+        return self.dot(xs, xs).sqrt()
+
+    def tensor_norms(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[n]`` float64 norm of each whole tensor (a shard's norm combined over the group)."""
+        squares = torch.stack([torch.linalg.vector_norm(x.double()) ** 2 for x in xs]) if xs else torch.zeros(0)
+        if self.group is not None:
+            mask = torch.tensor(self.sharded, device=squares.device)
+            squares = torch.where(mask, self._reduce(squares * mask), squares)
+        return squares.sqrt()
 
 
 @torch.no_grad()
@@ -137,7 +177,7 @@ def jvp(fn: Callable[[Sequence[torch.Tensor] | None], torch.Tensor], params: Seq
     if method != "finite_difference":
         raise ValueError(f"unknown jvp method {method!r}")
     _check_fd_dtype(params)
-    step = eps / max(float(norm(tangents)), 1e-30)
+    step = eps / max(float(ParamSpace(params).norm(tangents)), 1e-30)  # one step on every tensor-parallel rank
     with torch.no_grad():
         plus = fn([p.detach() + step * t.to(p.dtype) for p, t in zip(params, tangents)])
         minus = fn([p.detach() - step * t.to(p.dtype) for p, t in zip(params, tangents)])
@@ -158,6 +198,8 @@ class CurvatureOperator:
     def __init__(self, objective: Objective):
         self.objective = objective
         self.params = list(objective.params)
+        self.space = ParamSpace(self.params)
+        """Inner products over the whole model (the solvers use it; tensor-parallel shards are reduced)."""
         self.products = 0
 
     def __call__(self, v: Sequence[torch.Tensor]) -> Tensors:
@@ -254,7 +296,7 @@ class FiniteDifferenceHessian(CurvatureOperator):
         self.eps = eps
 
     def _apply(self, v):
-        step = self.eps / max(float(norm(v)), 1e-30)
+        step = self.eps / max(float(ParamSpace(self.params).norm(v)), 1e-30)
         base = [p.detach().clone() for p in self.params]
         try:
             _set_params(self.params, base, v, step)
@@ -328,7 +370,7 @@ class DataParallelMean(CurvatureOperator):
 
     def __init__(self, inner: CurvatureOperator, group):
         self.inner, self.group = inner, group
-        self.params, self.objective, self.name = inner.params, inner.objective, inner.name
+        self.params, self.objective, self.name, self.space = inner.params, inner.objective, inner.name, inner.space
         self.products = 0
 
     def _apply(self, v):
@@ -419,10 +461,6 @@ def resolve_engine(hvp_engine: str, mixed_term: str, curvature: str, *, attentio
     if engine == "finite_difference" and half:
         raise ValueError(f"bilevel.hvp_engine=finite_difference with {params_dtype} parameters: central differences "
                          "need fp32/fp64 weights")
-    if curvature == "gauss_newton" and tp_size > 1:
-        raise ValueError("bilevel.curvature=gauss_newton needs tensor_model_parallel_size=1: its logit-space product "
-                         "is vocabulary-parallel, but the solver's and the finite-difference step's inner products "
-                         "over tensor-parallel parameter shards are not reduced yet")
     if mixed_term == "auto":
         mixed_term = "jvp" if not exact_blockers else "finite_difference"
     elif mixed_term == "jvp" and exact_blockers:

@@ -34,6 +34,7 @@ from megatron_bliss.bilevel.losses import (
     resolve_group,
     sequence_weights,
     validation_loss,
+    vocab_group,
     weighted_lm_objective,
     weighted_lm_output_hvp,
 )
@@ -106,7 +107,7 @@ def validation_gradient(proxy, val_batch, group=None, local: bool = False) -> tu
     of the global token mean), or this rank's own with ``local``."""
     tokens, loss_mask = _unpack_val(val_batch)
     params = list(proxy.parameters())
-    loss, val_ce = validation_loss(proxy, tokens, loss_mask, group=group, local=local)
+    loss, val_ce = validation_loss(proxy, tokens, loss_mask, group=group, tp_group=vocab_group(), local=local)
     grads = hvp_mod._grads(loss, params)
     if not local:
         grads = parallel.all_reduce_tensors(grads, resolve_group(group), mean=True)
@@ -118,12 +119,13 @@ def lower_level_objective(proxy, tokens, weights, target_logits, config: Bilevel
     """G on a train micro-batch with fixed weights P, as an :class:`hvp.Objective` over the proxy's parameters."""
     inputs, labels = inputs_labels or split_next_token(tokens)[:2]
     weights = weights.detach()
+    tp_group = vocab_group()
 
     def output_loss(logits):
-        return weighted_lm_objective(logits, labels, weights, target_logits, config.kl_coef, dp_size)[0]
+        return weighted_lm_objective(logits, labels, weights, target_logits, config.kl_coef, dp_size, tp_group)[0]
 
     def output_hvp(logits):
-        return weighted_lm_output_hvp(logits, weights, config.kl_coef, target_logits is not None, dp_size)
+        return weighted_lm_output_hvp(logits, weights, config.kl_coef, target_logits is not None, dp_size, tp_group)
 
     param_loss = None
     if config.l2_coef:
@@ -147,7 +149,7 @@ def solve_z(operator, g, config: BilevelConfig, z_init=None, compute_residual: b
     elif config.solver_init == "zero":
         z0 = None if config.solver == "cg" else [torch.zeros_like(t) for t in g]
     else:
-        z0 = solvers.one_over_numel(g)
+        z0 = solvers.one_over_numel(g, getattr(operator, "space", None))
     if config.solver == "cg":
         return solvers.solve_cg(operator, g, max_steps=config.solver_steps, damping=config.damping,
                                 tol=config.cg_tol, z0=z0, compute_residual=compute_residual)
@@ -161,7 +163,8 @@ def per_sample_directional(proxy, inputs, labels, z, method: str, eps: float) ->
     ``method`` is ``jvp`` (one forward with dual tensors) or ``finite_difference`` (two forwards at θ ± εz/‖z‖).
     """
     forward = hvp_mod.module_forward(proxy, lambda m: gpt_logits(m, inputs))
-    per_sample = lambda tensors: ref.sequence_cross_entropy(forward(tensors), labels)  # noqa: E731
+    tp_group = vocab_group()
+    per_sample = lambda tensors: ref.sequence_cross_entropy(forward(tensors), labels, tp_group=tp_group)  # noqa: E731
     jvp_method = "forward_ad" if method == "jvp" else "finite_difference"
     return hvp_mod.jvp(per_sample, list(proxy.parameters()), z, jvp_method, eps, with_primal=True)
 
@@ -198,12 +201,13 @@ def _score_backward(score_model, tokens, scores, coeff, loop: bool) -> list:
 
 
 @torch.no_grad()
-def clip_per_tensor(tensors: Sequence[torch.Tensor], max_norm: float = 1.0) -> list:
-    """Rescales each tensor whose norm exceeds ``max_norm`` to that norm (in place); returns the prior norms."""
-    norms = []
-    for t in tensors:
-        n = float(torch.linalg.vector_norm(t))
-        norms.append(n)
+def clip_per_tensor(tensors: Sequence[torch.Tensor], max_norm: float = 1.0, norms=None) -> list:
+    """Rescales each tensor whose norm exceeds ``max_norm`` to that norm (in place); returns the prior norms.
+
+    ``norms`` gives each whole tensor's norm when the tensors are tensor-parallel shards (:class:`hvp.ParamSpace`);
+    by default each tensor's own norm."""
+    norms = [float(torch.linalg.vector_norm(t)) for t in tensors] if norms is None else list(norms)
+    for t, n in zip(tensors, norms):
         if n > max_norm:
             t.mul_(max_norm / n)
     return norms
@@ -279,9 +283,9 @@ def score_hypergradient(score_model, proxy, train_batch, val_batch, target_logit
     t0 = time.perf_counter()
     grads = _score_backward(score_model, tokens, scores, coeff, loop)
     grads = parallel.all_reduce_tensors(grads, group)
-    grad_norms = [float(torch.linalg.vector_norm(t)) for t in grads]
+    grad_norms = [float(n) for n in hvp_mod.ParamSpace(list(score_model.parameters())).tensor_norms(grads)]
     if config.clip_hypergrad:
-        clip_per_tensor(grads)
+        clip_per_tensor(grads, norms=grad_norms)
     timings["score_backward"] = time.perf_counter() - t0
     return HypergradResult(grads=grads, z=z, solve=solve, c=c, c_bar=float(c_bar), weights=weights,
                            scores=scores.detach(), ce=ce.detach(), normalizer=normalizer, val_loss=val_ce,

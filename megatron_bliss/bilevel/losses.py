@@ -29,6 +29,11 @@ from megatron_bliss.ops import lm_loss
 from megatron_bliss.ops import reference as ref
 
 
+def vocab_group():
+    """The tensor-parallel group the proxy's logits are sharded over, or None at TP=1."""
+    return parallel.tensor_parallel_group() if parallel.tensor_parallel_size() > 1 else None
+
+
 def resolve_group(group):
     """``group``, or megatron-core's data-parallel group when None (None again before initialization)."""
     return group if group is not None else parallel.data_parallel_group()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_bliss import parallel
 from megatron_bliss.bilevel.hvp import dot as _dot_ref
 from megatron_bliss.bilevel.hvp import norm as _norm_ref
 
@@ -27,13 +28,19 @@ except ImportError:  # a checkout without the ops package: plain torch below
     _mt = None
 
 
-def _dot(xs, ys) -> float:
+def _dot(xs, ys, space=None) -> float:
+    if space is not None and space.group is not None:  # tensor-parallel shards: reduced over the group
+        return float(space.dot(xs, ys))
     if _mt is not None:
         return float(_mt.multi_tensor_dot(list(xs), list(ys)).sum())
     return float(_dot_ref(xs, ys))
 
 
-def _norm(xs) -> float:
+def _norm(xs, space=None) -> float:
+    return _dot(xs, xs, space) ** 0.5 if space is not None and space.group is not None else _local_norm(xs)
+
+
+def _local_norm(xs) -> float:
     if _mt is not None:
         return float(torch.linalg.vector_norm(_mt.multi_tensor_norm(list(xs))))
     return float(_norm_ref(xs))
@@ -59,30 +66,34 @@ class SolveResult:
     """Relative residual per iteration where the solver knows it for free (CG's recursive residual)."""
 
 
-def one_over_numel(like: Sequence[torch.Tensor]) -> list:
-    """BLISS's cold start: every entry of tensor k equals 1 / numel(θ_k)."""
-    return [torch.full_like(t, 1.0 / t.numel()) for t in like]
+def one_over_numel(like: Sequence[torch.Tensor], space=None) -> list:
+    """BLISS's cold start: every entry of tensor k equals 1 / numel(θ_k), the whole tensor's numel (a
+    tensor-parallel shard of a :class:`~megatron_bliss.bilevel.hvp.ParamSpace` counts the group's shards)."""
+    tp = parallel.group_size(space.group) if space is not None and space.group is not None else 1
+    shards = space.sharded if space is not None else [False] * len(like)
+    return [torch.full_like(t, 1.0 / (t.numel() * (tp if shard else 1))) for t, shard in zip(like, shards)]
 
 
 def relative_residual(operator: Callable, z, g, damping: float) -> float:
     """‖(C + μI) z − g‖ / ‖g‖ (one product)."""
+    space = getattr(operator, "space", None)
     cz = operator(z)
     r = [c + damping * zz - gg for c, zz, gg in zip(cz, z, g)]
-    return _norm(r) / max(_norm(g), 1e-300)
+    return _norm(r, space) / max(_norm(g, space), 1e-300)
 
 
 @torch.no_grad()
-def _sgd_update(z, cz, g, damping: float, lr: float, normalize: bool) -> None:
-    if _mt is not None:
+def _sgd_update(z, cz, g, damping: float, lr: float, normalize: bool, space=None) -> None:
+    sharded = space is not None and space.group is not None
+    if _mt is not None and not sharded:
         _mt.multi_tensor_z_update(cz, g, z, damping, lr, 1.0 if normalize else float("inf"))
         return
-    for zk, ck, gk in zip(z, cz, g):
-        v = ck + damping * zk - gk
-        if normalize:
-            n = torch.linalg.vector_norm(v)
-            if n > 1:
-                v = v / n
-        zk.sub_(lr * v)
+    v = [ck + damping * zk - gk for zk, ck, gk in zip(z, cz, g)]
+    norms = space.tensor_norms(v) if sharded else [torch.linalg.vector_norm(vk) for vk in v]
+    for zk, vk, n in zip(z, v, norms):
+        if normalize and n > 1:  # a whole tensor's norm, so every tensor-parallel rank scales its shard alike
+            vk = vk / n.to(vk.dtype)
+        zk.sub_(lr * vk)
 
 
 def solve_sgd(operator: Callable, g: Sequence[torch.Tensor], *, steps: int, lr: float, damping: float,
@@ -100,12 +111,12 @@ def solve_sgd(operator: Callable, g: Sequence[torch.Tensor], *, steps: int, lr: 
         z0: start (a warm start); None starts from 1/numel per tensor.
         compute_residual: spend one more product to measure the final relative residual.
     """
-    z = [t.detach().clone() for t in z0] if z0 is not None else one_over_numel(g)
+    z = [t.detach().clone() for t in z0] if z0 is not None else one_over_numel(g, getattr(operator, "space", None))
     products = 0
     for _ in range(steps):
         cz = operator(z)
         products += 1
-        _sgd_update(z, [c.detach() for c in cz], g, damping, lr, normalize)
+        _sgd_update(z, [c.detach() for c in cz], g, damping, lr, normalize, getattr(operator, "space", None))
     residual = None
     if compute_residual:
         residual = relative_residual(operator, z, g, damping)
@@ -147,8 +158,9 @@ def solve_cg(operator: Callable, g: Sequence[torch.Tensor], *, max_steps: int, d
         compute_residual: spend one more product to measure the true final residual (the recursive one drifts in
             low precision).
     """
+    space = getattr(operator, "space", None)
     g = [t.detach() for t in g]
-    g_norm = max(_norm(g), 1e-300)
+    g_norm = max(_norm(g, space), 1e-300)
     products = 0
     if z0 is None:
         z = [torch.zeros_like(t) for t in g]
@@ -159,7 +171,7 @@ def solve_cg(operator: Callable, g: Sequence[torch.Tensor], *, max_steps: int, d
         products += 1
         r = [gg - c - damping * zz for gg, c, zz in zip(g, cz, z)]
     p = [t.clone() for t in r]
-    rr = _dot(r, r)
+    rr = _dot(r, r, space)
     history = [rr ** 0.5 / g_norm]
     converged = history[-1] < tol
     negative = False
@@ -168,14 +180,14 @@ def solve_cg(operator: Callable, g: Sequence[torch.Tensor], *, max_steps: int, d
         ap = [c.detach() + damping * pp for c, pp in zip(operator(p), p)]
         products += 1
         iterations += 1
-        pap = _dot(p, ap)
+        pap = _dot(p, ap, space)
         if pap <= 0:
             negative = True
             break
         alpha = rr / pap
         _axpy(alpha, p, z)
         _axpy(-alpha, ap, r)
-        rr_new = _dot(r, r)
+        rr_new = _dot(r, r, space)
         history.append(rr_new ** 0.5 / g_norm)
         if history[-1] < tol:
             converged = True

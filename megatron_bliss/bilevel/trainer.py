@@ -34,8 +34,9 @@ from megatron_bliss import checkpointing as ckpt
 from megatron_bliss import parallel
 from megatron_bliss.bilevel.config import BilevelPaths, BilevelRunConfig
 from megatron_bliss.bilevel.data import TrainStream, ValidationStream
+from megatron_bliss.bilevel.hvp import ParamSpace
 from megatron_bliss.bilevel.hypergradient import choose_engine, score_hypergradient
-from megatron_bliss.bilevel.losses import Normalizer, fused_loss, lower_level_loss, validation_loss
+from megatron_bliss.bilevel.losses import Normalizer, fused_loss, lower_level_loss, validation_loss, vocab_group
 from megatron_bliss.log import MetricsWriter
 from megatron_bliss.models.gpt import build_gpt, gpt_logits
 from megatron_bliss.models.score_model import ScoreModel
@@ -161,10 +162,11 @@ class BilevelTrainer:
         with torch.no_grad():
             scores = self.score(tokens)
         out = lower_level_loss(self.proxy, self.score, tokens, self._target_logits(tokens), gamma=b.kl_coef,
-                               reg=b.l2_coef, normalizer=self.normalizer, group=self.group, scores=scores)
+                               reg=b.l2_coef, normalizer=self.normalizer, group=self.group, scores=scores,
+                               tp_group=vocab_group())
         params = list(self.proxy.parameters())
         grads = parallel.all_reduce_tensors(torch.autograd.grad(out.loss, params), self.group, mean=True)
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        grad_norm = float(ParamSpace(params).norm(grads))  # the whole model's, equal on every tensor-parallel rank
         step = self.proxy_steps
         if not math.isfinite(grad_norm) or not math.isfinite(float(out.loss.detach())):
             self._skip("inner", f"non-finite proxy gradient at outer step {self.step}")
@@ -212,7 +214,8 @@ class BilevelTrainer:
         """Global token-mean validation CE of the proxy over the fixed evaluation batches."""
         total = torch.zeros(2, dtype=torch.float64, device=parallel.get_device())
         for batch in self.eval_set:
-            loss, _ = validation_loss(self.proxy, batch["tokens"], batch["loss_mask"], local=True)
+            loss, _ = validation_loss(self.proxy, batch["tokens"], batch["loss_mask"], local=True,
+                                      tp_group=vocab_group())
             count = batch["loss_mask"][:, 1:].sum()
             total += torch.stack([loss.double() * count, count.double()])
         parallel.all_reduce(total, self.group)

@@ -2,6 +2,7 @@
 a poisoned checkpoint, and a first selection-quality check with controls (untrained head, sign-flipped
 hypergradient)."""
 
+import math
 import os
 import signal
 import subprocess
@@ -254,3 +255,35 @@ def test_checkpoint_saved_at_dp2_loads_at_dp1_and_tp2(tmp_path):
     assert "tensors equal at TP=1, dp=1" in run_torchrun(script, "check", run_dir, ref, "1", nproc=1)
     out = run_torchrun(script, "check", run_dir, ref, "2", nproc=2)
     assert out.count("tensors equal at TP=2") == 2
+
+
+@pytest.mark.slow
+def test_round_runs_at_tensor_parallel_two_and_its_score_model_scores(tmp_path):
+    """A whole round with the proxy and the score model at TP=2 (finite-difference Gauss-Newton, amortized z) under
+    torchrun, then the round's score model scoring the shard at TP=1 (its checkpoint reshards)."""
+    train, val = realtext.build_prefixes(str(tmp_path))
+    proxy = {**PROXY, "make_vocab_size_divisible_by": 32}  # the same padded vocabulary at TP=1 and TP=2
+    config = {"proxy": proxy, "parallel": {"tensor_model_parallel_size": 2}, "bilevel": {
+        "kl_coef": 0.0, "outer_steps": 4, "micro_batch_size": 4, "val_micro_batch_size": 4, "save_interval": 2,
+        "eval_interval": 2, "score_lr": 1e-3, "proxy_lr": 1e-3, "hvp_engine": "finite_difference",
+        "curvature": "gauss_newton", "solver": "amortized", "solver_steps": 1, "tensorboard": False},
+        "paths": {"train_prefix": train, "val_prefix": val, "output_dir": str(tmp_path / "round")}}
+    path = tmp_path / "round.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = run_torchrun(os.path.join(REPO_ROOT, "megatron_bliss", "bilevel", "__main__.py"), "--config", str(path),
+                       timeout=600)
+    metrics = read_metrics(str(tmp_path / "round"))
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4], out[-2000:]
+    assert all(math.isfinite(r["val_loss"]) and math.isfinite(r["hypergrad_norm"]) for r in metrics)
+    assert metrics[-1]["hypergrad_norm"] > 0 and "z_residual_kept" in metrics[-1]
+    score_cfg = {"model": proxy, "scoring": {"micro_batch_size": 4, "chunk_size": 16, "max_sequences": 32},
+                 "paths": {"checkpoint": str(tmp_path / "round" / "score"), "data_prefix": train,
+                           "output_dir": str(tmp_path / "scores")}}
+    score_path = tmp_path / "score.yaml"
+    score_path.write_text(yaml.safe_dump(score_cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                           "LOCAL_RANK")}
+    subprocess.run([sys.executable, "-m", "megatron_bliss.score", "--config", str(score_path)], check=True,
+                   cwd=REPO_ROOT, env=dict(env, PYTHONPATH=REPO_ROOT), capture_output=True, timeout=300)
+    scores = np.load(tmp_path / "scores" / "scores.npy")
+    assert scores.shape == (32,) and np.isfinite(scores).all() and scores.std() > 0
