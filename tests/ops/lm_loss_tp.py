@@ -4,7 +4,8 @@
 
 Every rank builds the same full logits, keeps its vocabulary shard, and compares with the unsharded computation of
 its own process: the loss and per-sequence CE, the logits gradient (its shard), the curvature product (its shard),
-the double backward and the forward-mode derivative. Prints one JSON line with the largest relative error.
+the double backward and the forward-mode derivative. Rank 0 prints one JSON line per rank with its largest relative
+error.
 """
 
 import json
@@ -61,7 +62,10 @@ def main(kernels: str) -> None:
         whole[key] = whole[key][..., cut]
     for key, value in whole.items():
         errors[key] = rel(sharded[key], value)
-    print(json.dumps({"rank": rank, "max_rel": max(errors.values()), "errors": errors}))
+    reports = parallel.all_gather_object({"rank": rank, "max_rel": max(errors.values()), "errors": errors})
+    if rank == 0:  # one writer: two ranks printing at once can interleave their lines
+        for report in reports:
+            print(json.dumps(report), flush=True)
     parallel.destroy()
 
 
