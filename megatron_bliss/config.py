@@ -288,11 +288,13 @@ def run_stage(config_cls: type, paths_cls: type, run: str, argv: Sequence[str] |
     from megatron_bliss.log import setup_logging
 
     cfg, paths = parse_cli(config_cls, argv, description, prog=prog, paths_cls=paths_cls)
+    from megatron_bliss import parallel  # after parsing: --help and usage errors stay fast
+
     launch.watch_launcher()
     setup_logging(log_level(cfg) if log_level else "INFO")
     lock = None
     directory = getattr(paths, getattr(paths_cls, "lock_field", ""), None)
-    if directory and int(os.environ.get("RANK", "0")) == 0:
+    if directory and parallel.launch_rank() == 0:
         try:
             lock = launch.DirectoryLock(directory).acquire()
         except launch.DirectoryLockedError as exc:
@@ -303,8 +305,6 @@ def run_stage(config_cls: type, paths_cls: type, run: str, argv: Sequence[str] |
     module, _, function = run.partition(":")
     try:
         getattr(importlib.import_module(module), function)(cfg, paths)
-        from megatron_bliss import parallel
-
         parallel.destroy()
     finally:
         if lock is not None:

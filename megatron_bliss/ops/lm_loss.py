@@ -154,6 +154,21 @@ def _local_labels(labels: torch.Tensor, shard: int, tp_group) -> torch.Tensor:
     return torch.where((local >= 0) & (local < shard), local, torch.full_like(local, -1))
 
 
+def _mask_weights(mask: torch.Tensor | None, b: int, n: int, dtype: torch.dtype, device) -> tuple:
+    """``(m_it / n_i, m_it / N)`` ``[b, n]``: each position's share of its sequence's mean (CE_i) and of the batch's
+    mean (KL), with ``n_i = max(1, Σ_t m_it)``, ``N = max(1, Σ_it m_it)``; the mask is all ones when None."""
+    m = torch.ones(b, n, dtype=dtype, device=device) if mask is None else mask.to(dtype)
+    return m / m.sum(dim=1, keepdim=True).clamp_min(1.0), m / m.sum().clamp_min(1.0)
+
+
+def _curvature_weights(weights, mask, gamma: float, has_target: bool, dp_size: int, b: int, n: int, dtype,
+                       device) -> torch.Tensor:
+    """Per-position weight ``R P_i m_it / n_i + γ m_it / N`` ``[b, n]`` of the logit Hessian diag(q) − q qᵀ."""
+    per_seq, per_tok = _mask_weights(mask, b, n, dtype, device)
+    coeff = dp_size * weights.detach().to(dtype)[:, None] * per_seq
+    return coeff + gamma * per_tok if gamma and has_target else coeff
+
+
 def _combine_stats(stats: torch.Tensor, has_target: bool, tp_group) -> torch.Tensor:
     """Per-row ``[lse, z_y, lse_t, Σ p (zt − z)]`` of the whole vocabulary from this shard's :func:`lm_row_stats`."""
     m, s, zy, mt, st, c = stats.unbind(-1)
@@ -183,9 +198,7 @@ class _State:
             self.zt = self.zt.to(self.z.dtype)
         self.labels = _local_labels(labels.reshape(-1), v, tp_group)
         self.gamma, self.dp_size, self.tp_group = float(gamma), dp_size, tp_group
-        m = torch.ones(b, n, dtype=self.acc, device=logits.device) if mask is None else mask.to(self.acc)
-        self.per_seq = m / m.sum(dim=1, keepdim=True).clamp_min(1.0)  # m_it / n_i
-        self.per_tok = m / m.sum().clamp_min(1.0)  # m_it / N
+        self.per_seq, self.per_tok = _mask_weights(mask, b, n, self.acc, logits.device)  # m_it / n_i, m_it / N
         stats = _combine_stats(lm_row_stats(self.z, self.zt, self.labels), self.zt is not None, tp_group)
         self.lse, zy, lse_t, cross = stats.unbind(-1)
         self.lse_t = lse_t if self.zt is not None else None
@@ -330,12 +343,7 @@ def lm_output_hvp(logits: torch.Tensor, weights: torch.Tensor, gamma: float, has
     z = logits.detach().reshape(b * n, v)
     no_labels = torch.full((b * n,), -1, dtype=torch.long, device=z.device)
     lse = _combine_stats(lm_row_stats(z, None, no_labels), False, tp_group)[:, 0]
-    acc = lse.dtype
-    m = torch.ones(b, n, dtype=acc, device=z.device) if loss_mask is None else loss_mask.to(acc)
-    coeff = dp_size * weights.detach().to(acc)[:, None] * m / m.sum(dim=1, keepdim=True).clamp_min(1.0)
-    if gamma and has_target:
-        coeff = coeff + gamma * m / m.sum().clamp_min(1.0)
-    coeff = coeff.reshape(-1)
+    coeff = _curvature_weights(weights, loss_mask, gamma, has_target, dp_size, b, n, lse.dtype, z.device).reshape(-1)
     zeros = torch.zeros_like(coeff)
 
     def product(u: torch.Tensor) -> torch.Tensor:
@@ -396,11 +404,7 @@ def reference_lm_output_hvp(logits: torch.Tensor, weights: torch.Tensor, gamma: 
     b, n = logits.shape[:2]
     z = logits.detach().to(_acc(logits.dtype))
     q = torch.exp(z - ref.logsumexp(z, tp_group).unsqueeze(-1)) if _sharded(tp_group) else torch.softmax(z, dim=-1)
-    m = torch.ones(b, n, dtype=q.dtype, device=q.device) if loss_mask is None else loss_mask.to(q.dtype)
-    coeff = dp_size * weights.detach().to(q.dtype)[:, None] * m / m.sum(dim=1, keepdim=True).clamp_min(1.0)
-    if gamma and has_target:
-        coeff = coeff + gamma * m / m.sum().clamp_min(1.0)
-    coeff = coeff[..., None]
+    coeff = _curvature_weights(weights, loss_mask, gamma, has_target, dp_size, b, n, q.dtype, q.device)[..., None]
 
     def product(u: torch.Tensor) -> torch.Tensor:
         u = u.to(q.dtype)
