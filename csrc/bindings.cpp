@@ -13,6 +13,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <utility>
 
 namespace megatron_bliss {
 namespace {
@@ -224,6 +225,14 @@ at::Tensor checked_labels(const char* op, const at::Tensor& labels, const at::Te
   return labels.contiguous();
 }
 
+// The optional target logits and, when they are given, their row logsumexps (required then).
+std::pair<at::Tensor, at::Tensor> checked_target(const char* op, const std::optional<at::Tensor>& zt,
+                                                 const std::optional<at::Tensor>& lse_t, const at::Tensor& z) {
+  at::Tensor tc = checked_like_logits(op, "zt", zt, z);
+  at::Tensor ltc = tc.defined() ? checked_row_vector(op, "lse_t", lse_t, z, true, "with zt") : at::Tensor();
+  return {tc, ltc};
+}
+
 at::Tensor lm_row_stats(const at::Tensor& z, const std::optional<at::Tensor>& zt, const at::Tensor& labels) {
   const char* op = "lm_row_stats";
   const at::Tensor zc = checked_logits(op, z);
@@ -245,8 +254,7 @@ at::Tensor lm_row_dots(const at::Tensor& z, const at::Tensor& lse, const std::op
   const char* op = "lm_row_dots";
   const at::Tensor zc = checked_logits(op, z);
   const at::Tensor lc = checked_row_vector(op, "lse", lse, zc, true, "");
-  const at::Tensor tc = checked_like_logits(op, "zt", zt, zc);
-  const at::Tensor ltc = tc.defined() ? checked_row_vector(op, "lse_t", lse_t, zc, true, "with zt") : at::Tensor();
+  const auto [tc, ltc] = checked_target(op, zt, lse_t, zc);
   const at::Tensor yc = checked_labels(op, labels, zc);
   TORCH_CHECK(u.defined(), op, ": u is undefined");
   const at::Tensor uc = checked_like_logits(op, "u", u, zc);
@@ -267,8 +275,7 @@ at::Tensor lm_logit_grad(const at::Tensor& z, const at::Tensor& lse, const std::
   const char* op = "lm_logit_grad";
   const at::Tensor zc = checked_logits(op, z);
   const at::Tensor lc = checked_row_vector(op, "lse", lse, zc, true, "");
-  const at::Tensor tc = checked_like_logits(op, "zt", zt, zc);
-  const at::Tensor ltc = tc.defined() ? checked_row_vector(op, "lse_t", lse_t, zc, true, "with zt") : at::Tensor();
+  const auto [tc, ltc] = checked_target(op, zt, lse_t, zc);
   const at::Tensor yc = checked_labels(op, labels, zc);
   const at::Tensor ac = checked_row_vector(op, "alpha", alpha, zc, true, "");
   const at::Tensor bc = checked_row_vector(op, "beta", beta, zc, true, "");

@@ -45,25 +45,13 @@ constexpr int kLanes = 64 / static_cast<int>(sizeof(A));
 constexpr int64_t kBlockSteps = 64;      // loop steps summed into a block partial before it joins the total
 constexpr int64_t kGrainElements = 1 << 15;  // elements of work per parallel_for grain
 
-MB_INLINE uint32_t bits_of(float x) {
-  uint32_t i;
-  std::memcpy(&i, &x, sizeof i);
-  return i;
-}
-MB_INLINE float float_of(uint32_t i) {
-  float x;
-  std::memcpy(&x, &i, sizeof x);
-  return x;
-}
-MB_INLINE uint64_t bits_of(double x) {
-  uint64_t i;
-  std::memcpy(&i, &x, sizeof i);
-  return i;
-}
-MB_INLINE double double_of(uint64_t i) {
-  double x;
-  std::memcpy(&x, &i, sizeof x);
-  return x;
+// The bits of one value reread as another type of the same size (a float and its IEEE-754 pattern).
+template <typename To, typename From>
+MB_INLINE To bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs types of one size");
+  To y;
+  std::memcpy(&y, &x, sizeof y);
+  return y;
 }
 
 // exp(x) in float, branch-free: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite, ln2 split in two), a degree-7 Taylor
@@ -90,7 +78,8 @@ MB_INLINE float exp_acc(float x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   // n is in [-126, 128]; p in [0.7, 1.42]: the sum of exponents stays normal, or becomes inf for an overflow
-  const float e = float_of(bits_of(p) + ((bits_of(t) - bits_of(kShift)) << 23));
+  const float e = bit_cast<float>(bit_cast<uint32_t>(p) +
+                                 ((bit_cast<uint32_t>(t) - bit_cast<uint32_t>(kShift)) << 23));
   const float res = x < -87.0f ? 0.0f : e;
   return x != x ? x : res;
 }
@@ -114,7 +103,8 @@ MB_INLINE double exp_acc(double x) {
                           1.0,                1.0};
   double p = c[0];
   for (int k = 1; k < 14; ++k) p = p * r + c[k];
-  const double e = double_of(bits_of(p) + ((bits_of(t) - bits_of(kShift)) << 52));
+  const double e = bit_cast<double>(bit_cast<uint64_t>(p) +
+                                  ((bit_cast<uint64_t>(t) - bit_cast<uint64_t>(kShift)) << 52));
   const double res = x < -708.0 ? 0.0 : e;
   return x != x ? x : res;
 }
