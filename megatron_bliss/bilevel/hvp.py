@@ -8,7 +8,10 @@ operator ``v ↦ C·v`` (lists of tensors aligned with the parameters) for a cur
   product); ``finite_difference`` by the central difference of gradients at θ ± εv/‖v‖ (2 fwd+bwd per product).
 - ``gauss_newton`` Jᵀ ∇²_out ℓ J + ∇²(param_loss): ``exact`` takes J·v by the double-backward trick on a forward
   graph kept for the solve and Jᵀ· by one backward through it; ``finite_difference`` takes J·v by the central
-  difference of the outputs (2 forwards), Jᵀ· as for exact.
+  difference of the outputs (2 forwards), Jᵀ· as for exact. When the objective names a linear output layer
+  (:attr:`Objective.features`, as the bilevel round's does), that layer is taken in closed form and J·v of the
+  features in front of it comes from forward-mode AD (``exact``) or the central difference of the features: no
+  vocabulary-sized buffer besides J·v and the kept logits, and no double-backward graph.
 
 The Gauss-Newton matrix is positive semi-definite whenever ``output_loss`` is convex in the outputs (cross-entropy
 and KL(p_target ‖ softmax(z)) are), so ``(GN + μI)`` is positive definite and CG converges on it; the Hessian of a
@@ -48,7 +51,22 @@ class Objective:
     output_loss: Callable[[torch.Tensor], torch.Tensor]
     param_loss: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None
     output_hvp: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None
-    """Optional closed form of the output-space Hessian: ``output_hvp(out)(w) = ∇²_out output_loss(out) · w``."""
+    """Optional closed form of the output-space Hessian: ``output_hvp(out)(w, overwrite=False) = ∇²_out
+    output_loss(out) · w`` (``overwrite``: it may be computed into ``w``'s buffer)."""
+    param_curvature: float | None = None
+    """When ``∇²param_loss = c·I`` (c = 2λ for λ‖θ‖²), c: Gauss-Newton products then add c·v in place instead of
+    differentiating ``param_loss`` twice."""
+    features: Callable[[Sequence[torch.Tensor] | None], tuple] | None = None
+    """Optional ``features(tensors) -> (h, outputs)`` with ``outputs = h · params[head]ᵀ``, where ``h`` does not
+    depend on ``params[head]`` (a linear output layer): the Gauss-Newton engine then takes that layer in closed form
+    and keeps only ``h``'s graph (see :class:`GaussNewton`)."""
+    hidden: Callable[[Sequence[torch.Tensor] | None], torch.Tensor] | None = None
+    """``h`` of :attr:`features` alone (the forward stops in front of the output layer)."""
+    head: int | None = None
+    """Index in ``params`` of the output layer's weight ``[outputs, hidden]`` (with ``features``)."""
+    head_group: object = None
+    """Group the output layer's weight is sharded over along its outputs (tensor parallelism; None at TP=1): the
+    gradient w.r.t. ``h`` is summed over it."""
 
     def loss(self) -> torch.Tensor:
         """L at the current parameters."""
@@ -202,11 +220,17 @@ class CurvatureOperator:
         """Inner products over the whole model (the solvers use it; tensor-parallel shards are reduced)."""
         self.products = 0
 
-    def __call__(self, v: Sequence[torch.Tensor]) -> Tensors:
-        self.products += 1
-        return self._apply(list(v))
+    observes_jvp = False
+    """Whether a product can hand its J·v to an ``observe`` callback (Gauss-Newton computes J·v on the way)."""
 
-    def _apply(self, v):
+    def __call__(self, v: Sequence[torch.Tensor], observe: Callable[[torch.Tensor], None] | None = None) -> Tensors:
+        """C·v; with ``observe`` (only where :attr:`observes_jvp`), ``observe(J·v)`` is called on the way."""
+        if observe is not None and not self.observes_jvp:
+            raise ValueError(f"{self.name} products do not compute J·v")
+        self.products += 1
+        return self._apply(list(v)) if observe is None else self._apply(list(v), observe)
+
+    def _apply(self, v, observe=None):
         raise NotImplementedError
 
     def output_jvp(self, v: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -248,6 +272,43 @@ class _KeptForward:
         return _grads(self.out, self.params, grad_outputs=w, retain_graph=True)
 
 
+class _KeptFeatures:
+    """A kept forward graph up to the features h of a linear output layer ``out = h Wᵀ`` (:attr:`Objective.features`).
+
+    J·v = (J_h v) Wᵀ + h v_Wᵀ and Jᵀw = (wᵀh for W; the backward of h with w W for the rest), so the only
+    vocabulary-sized buffers of a product are J·v (the curvature product overwrites it) and the kept outputs. J_h v
+    comes from a forward-mode (or finite-difference) pass that stops at h, so nothing else is kept between products.
+    """
+
+    def __init__(self, h: torch.Tensor, out: torch.Tensor, params, head: int, group=None):
+        self.params, self.head, self.group = params, head, group
+        self.body = [i for i in range(len(params)) if i != head]
+        self.h, self.out = h, out.detach()
+
+    def jvp(self, v, h_tangent: torch.Tensor) -> torch.Tensor:
+        """J·v from J_h·v (``h_tangent``) and the head's part of v."""
+        weight = self.params[self.head].detach()
+        h = self.h.detach().reshape(-1, weight.shape[1])
+        jv = torch.cat([h, h_tangent.reshape(-1, weight.shape[1]).to(weight.dtype)], 1) @ torch.cat(
+            [v[self.head].to(weight.dtype), weight], 1).t()  # one matmul: h v_Wᵀ + (J_h v) Wᵀ
+        return jv.view(self.out.shape)
+
+    def vjp(self, w) -> Tensors:
+        weight = self.params[self.head].detach()
+        w = w.reshape(-1, weight.shape[0]).to(weight.dtype)
+        grad_h = w @ weight
+        if self.group is not None:
+            grad_h = parallel.all_reduce(grad_h, self.group)
+        out = [None] * len(self.params)
+        out[self.head] = w.t() @ self.h.detach().reshape(-1, weight.shape[1])
+        del w
+        body = _grads(self.h, [self.params[i] for i in self.body], grad_outputs=grad_h.view(self.h.shape),
+                      retain_graph=True)
+        for i, g in zip(self.body, body):
+            out[i] = g
+        return out
+
+
 class ExactHessian(CurvatureOperator):
     """Hessian by double backward: ∇L is built once with ``create_graph`` and each product differentiates ⟨∇L, v⟩."""
 
@@ -265,7 +326,7 @@ class ExactHessian(CurvatureOperator):
         self._grads = [grads[i] for i in self._live]
         self._kept = _KeptForward(out, self.params)
 
-    def _apply(self, v):
+    def _apply(self, v, observe=None):
         out = [torch.zeros_like(p) for p in self.params]
         hv = torch.autograd.grad(self._grads, [self.params[i] for i in self._live],
                                  grad_outputs=[v[i].to(self.params[i].dtype) for i in self._live],
@@ -295,7 +356,7 @@ class FiniteDifferenceHessian(CurvatureOperator):
         _check_fd_dtype(self.params)
         self.eps = eps
 
-    def _apply(self, v):
+    def _apply(self, v, observe=None):
         step = self.eps / max(float(ParamSpace(self.params).norm(v)), 1e-30)
         base = [p.detach().clone() for p in self.params]
         try:
@@ -315,26 +376,36 @@ class GaussNewton(CurvatureOperator):
     each product is one J·v, one output-space product (closed form when the objective provides ``output_hvp``,
     else a double backward through the loss alone) and one backward through the kept forward graph. J·v is the
     double-backward trick on the kept graph (``exact``) or a central difference of two forwards
-    (``finite_difference``: works with fused kernels).
+    (``finite_difference``: works with fused kernels). With :attr:`Objective.features`, the output layer is taken in
+    closed form (:class:`_KeptFeatures`) and J·v of the features is a forward-mode pass (``exact``) or a central
+    difference; the closed-form output curvature overwrites J·v in place, and a ``param_curvature`` is added as c·v.
     """
 
     def __init__(self, objective, jvp_method: str, eps: float):
         super().__init__(objective)
         self.name = f"{'exact' if jvp_method == 'double_backward' else 'finite_difference'}/gauss_newton"
         self.jvp_method, self.eps = jvp_method, eps
-        self._kept = _KeptForward(objective.forward(None), self.params)
+        if objective.features is not None and objective.head is not None:
+            h, out = objective.features(None)
+            self._kept = _KeptFeatures(h, out, self.params, objective.head, objective.head_group)
+            del out
+        else:
+            self._kept = _KeptForward(objective.forward(None), self.params)
         self._leaf = self._kept.out.detach()
         self._output_hvp = objective.output_hvp(self._leaf) if objective.output_hvp is not None else None
         if self._output_hvp is None:
             self._leaf.requires_grad_(True)
             self._grad_out = torch.autograd.grad(objective.output_loss(self._leaf), self._leaf, create_graph=True)[0]
         self._param_grads = None
-        if objective.param_loss is not None:
+        if objective.param_loss is not None and objective.param_curvature is None:
             grads = torch.autograd.grad(objective.param_loss(self.params), self.params, create_graph=True,
                                         allow_unused=True)
             self._param_grads = list(grads)
 
     def output_jvp(self, v):
+        if isinstance(self._kept, _KeptFeatures):  # J_h·v of h alone; the output layer in closed form
+            method = "forward_ad" if self.jvp_method == "double_backward" else self.jvp_method
+            return self._kept.jvp(v, jvp(self.objective.hidden, self.params, v, method, self.eps))
         if self.jvp_method == "double_backward":
             return self._kept.jvp(v)
         return jvp(self.objective.forward, self.params, v, self.jvp_method, self.eps)
@@ -342,15 +413,22 @@ class GaussNewton(CurvatureOperator):
     def outputs(self):
         return self._leaf.detach()
 
-    def _apply(self, v):
+    observes_jvp = True
+
+    def _apply(self, v, observe=None):
         jv = self.output_jvp(v).to(self._leaf.dtype)
+        if observe is not None:
+            observe(jv)
         if self._output_hvp is not None:
-            w = self._output_hvp(jv)
+            w = self._output_hvp(jv, overwrite=True)  # J·v is ours: its buffer takes the product
         else:
             w = torch.autograd.grad(self._grad_out, self._leaf, grad_outputs=jv, retain_graph=True)[0]
         del jv  # one vocabulary-sized buffer fewer during the backward
         out = self._kept.vjp(w)
-        if self._param_grads is not None:
+        if self.objective.param_loss is not None and self.objective.param_curvature is not None:
+            for o, vk in zip(out, v):
+                o.add_(vk.to(o.dtype), alpha=self.objective.param_curvature)
+        elif self._param_grads is not None:
             live = [i for i, g in enumerate(self._param_grads) if g is not None and g.requires_grad]
             extra = torch.autograd.grad([self._param_grads[i] for i in live], [self.params[i] for i in live],
                                         grad_outputs=[v[i].to(self.params[i].dtype) for i in live], retain_graph=True,
@@ -371,10 +449,11 @@ class DataParallelMean(CurvatureOperator):
     def __init__(self, inner: CurvatureOperator, group):
         self.inner, self.group = inner, group
         self.params, self.objective, self.name, self.space = inner.params, inner.objective, inner.name, inner.space
+        self.observes_jvp = inner.observes_jvp
         self.products = 0
 
-    def _apply(self, v):
-        return parallel.all_reduce_tensors(self.inner(v), self.group, mean=True)
+    def _apply(self, v, observe=None):
+        return parallel.all_reduce_tensors(self.inner(v, observe), self.group, mean=True)
 
     def output_jvp(self, v):
         return self.inner.output_jvp(v)  # this rank's outputs: not reduced

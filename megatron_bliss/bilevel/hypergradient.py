@@ -39,11 +39,14 @@ from megatron_bliss.bilevel.losses import (
     weighted_lm_output_hvp,
 )
 from megatron_bliss.data.loader import split_next_token
-from megatron_bliss.models.gpt import gpt_logits
+from megatron_bliss.models.gpt import gpt_features, gpt_logits
 from megatron_bliss.ops import lm_loss
 from megatron_bliss.ops import reference as ref
 
 logger = logging.getLogger(__name__)
+
+HEAD = "output_layer.weight"
+"""The proxy's output-layer weight: the Gauss-Newton products take this linear layer in closed form."""
 
 
 @dataclass
@@ -53,7 +56,9 @@ class HypergradResult:
     grads: list
     """Hypergradient h, aligned with ``score_model.parameters()`` (after clipping when enabled)."""
     z: list
-    """z ≈ (C + μI)⁻¹ ∇f, aligned with the proxy's parameters (identical on every data-parallel rank)."""
+    """z ≈ (C + μI)⁻¹ ∇f, aligned with the proxy's parameters (identical on every data-parallel rank). With the
+    amortized solver on Gauss-Newton curvature this is the advanced z to keep, and c used the kept one (SOBA's
+    order: the hypergradient at z_t, then z_{t+1} from z_t)."""
     solve: solvers.SolveResult
     """Solver diagnostics (relative residual, products, CG flags)."""
     c: torch.Tensor
@@ -130,20 +135,28 @@ def lower_level_objective(proxy, tokens, weights, target_logits, config: Bilevel
     param_loss = None
     if config.l2_coef:
         param_loss = lambda params: config.l2_coef * ref.squared_norm(params)  # noqa: E731
+    names = [name for name, _ in proxy.named_parameters()]
+    head = names.index(HEAD) if HEAD in names else None
     return hvp_mod.Objective(params=list(proxy.parameters()),
-                             forward=hvp_mod.module_forward(proxy, lambda m: gpt_logits(m, inputs)),
-                             output_loss=output_loss, param_loss=param_loss, output_hvp=output_hvp)
+                             forward=hvp_mod.module_forward(proxy, lambda m: gpt_features(proxy, inputs, m)[1]),
+                             output_loss=output_loss, param_loss=param_loss, output_hvp=output_hvp,
+                             param_curvature=2 * config.l2_coef if config.l2_coef else None,
+                             features=hvp_mod.module_forward(proxy, lambda m: gpt_features(proxy, inputs, m))
+                             if head is not None else None, head=head, head_group=tp_group,
+                             hidden=hvp_mod.module_forward(proxy, lambda m: gpt_features(proxy, inputs, m, False)[0]))
 
 
-def solve_z(operator, g, config: BilevelConfig, z_init=None, compute_residual: bool = True) -> solvers.SolveResult:
+def solve_z(operator, g, config: BilevelConfig, z_init=None, compute_residual: bool = True, *,
+            step_size: float | None = None, observe=None) -> solvers.SolveResult:
     """Runs the configured solver on (C + μI) z = g from the configured start.
 
-    ``amortized`` continues from ``z_init`` (the z kept from the previous outer step; zero at a round's start) with
-    ``solver_steps`` CG iterations on this batch's system: one product for the kept z's residual, one per iteration.
+    ``amortized`` advances ``z_init`` (the z kept from the previous outer step; None at a round's start) by
+    ``solver_steps`` products on this batch's system (:func:`solvers.solve_amortized`, with the kept
+    ``step_size``; ``observe`` receives the first product's J·v).
     """
     if config.solver == "amortized":
-        return solvers.solve_cg(operator, g, max_steps=config.solver_steps, damping=config.damping,
-                                tol=config.cg_tol, z0=z_init, compute_residual=compute_residual)
+        return solvers.solve_amortized(operator, g, z_init, products=config.solver_steps, damping=config.damping,
+                                       step_size=step_size, observe=observe, compute_residual=compute_residual)
     if config.solver_init == "warm" and z_init is not None:
         z0 = z_init
     elif config.solver_init == "zero":
@@ -162,7 +175,7 @@ def per_sample_directional(proxy, inputs, labels, z, method: str, eps: float) ->
 
     ``method`` is ``jvp`` (one forward with dual tensors) or ``finite_difference`` (two forwards at θ ± εz/‖z‖).
     """
-    forward = hvp_mod.module_forward(proxy, lambda m: gpt_logits(m, inputs))
+    forward = hvp_mod.module_forward(proxy, lambda m: gpt_features(proxy, inputs, m)[1])
     tp_group = vocab_group()
     per_sample = lambda tensors: ref.sequence_cross_entropy(forward(tensors), labels, tp_group=tp_group)  # noqa: E731
     jvp_method = "forward_ad" if method == "jvp" else "finite_difference"
@@ -215,7 +228,8 @@ def clip_per_tensor(tensors: Sequence[torch.Tensor], max_norm: float = 1.0, norm
 
 def score_hypergradient(score_model, proxy, train_batch, val_batch, target_logits: torch.Tensor | None,
                         config: BilevelConfig, *, group=None, z_init=None, compute_residual: bool | None = None,
-                        engine: hvp_mod.EngineChoice | None = None) -> HypergradResult:
+                        engine: hvp_mod.EngineChoice | None = None, step_size: float | None = None
+                        ) -> HypergradResult:
     """BLISS's hypergradient of the validation loss w.r.t. the score model's parameters at the current proxy.
 
     Args:
@@ -227,7 +241,8 @@ def score_hypergradient(score_model, proxy, train_batch, val_batch, target_logit
         config: γ, λ, engine, curvature, solver and its settings, clipping (``clip_hypergrad=False`` and
             ``solver_normalize=False`` make the result comparable with exact formulas).
         group: data-parallel group (None: megatron-core's).
-        z_init: previous z for ``solver_init='warm'``.
+        z_init: previous z for ``solver_init='warm'``, or the kept z of ``solver='amortized'``.
+        step_size: the amortized solver's kept step (``HypergradResult.solve.step_size`` of the previous step).
         compute_residual: measure the solver's true residual (one more product); default ``residual_interval > 0``.
         engine: a pre-resolved :class:`hvp.EngineChoice` (skips resolution and its log line).
 
@@ -254,18 +269,28 @@ def score_hypergradient(score_model, proxy, train_batch, val_batch, target_logit
     objective = lower_level_objective(proxy, tokens, weights, target_logits, config, dp, (inputs, labels))
     operator = hvp_mod.build_operator(objective, choice.engine, config.curvature, fd_eps=config.fd_eps,
                                       group=group if global_solve else None)
+    loop = choice.mixed_term == "loop"
+    # amortized Gauss-Newton: c_i come from the J·v of the solve's first product (the kept z), at no extra pass
+    shared = config.solver == "amortized" and operator.observes_jvp and global_solve and not loop
+    observed = {}
+
+    def observe(jv):
+        observed["ce"], observed["c"] = per_sample_directional_from_outputs(operator.outputs(), jv, labels)
+
     try:
-        solve = solve_z(operator, g, config, z_init, compute_residual)
+        solve = solve_z(operator, g, config, z_init, compute_residual, step_size=step_size,
+                        observe=observe if shared else None)
         z = solve.z if global_solve else parallel.all_reduce_tensors(solve.z, group, mean=True)
         timings["solve"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        loop = choice.mixed_term == "loop"
-        exact_jvp = choice.mixed_term == "jvp" and choice.engine == "exact"
+        exact_jvp = choice.mixed_term == "jvp" and choice.engine == "exact" and not shared
         jz = operator.output_jvp(z) if exact_jvp else None
         outputs = operator.outputs() if jz is not None else None
         operator.close()  # the solve's graphs are not needed any more: free them before the mixed term
-        if loop:
+        if shared:
+            ce, c = observed["ce"], observed["c"] * solve.first_scale
+        elif loop:
             ce, c = per_sample_directional_loop(proxy, inputs, labels, z)
         elif jz is not None:  # J·z from the graph the operator kept for the solve
             ce, c = per_sample_directional_from_outputs(outputs, jz, labels)

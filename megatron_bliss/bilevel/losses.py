@@ -24,7 +24,7 @@ import torch
 
 from megatron_bliss import parallel
 from megatron_bliss.data.loader import split_next_token
-from megatron_bliss.models.gpt import gpt_logits
+from megatron_bliss.models.gpt import gpt_features
 from megatron_bliss.ops import lm_loss
 from megatron_bliss.ops import reference as ref
 
@@ -119,7 +119,8 @@ def fused_loss(device: torch.device) -> bool:
 
 
 def weighted_lm_objective(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                          target_logits: torch.Tensor | None, gamma: float, dp_size: int = 1, tp_group=None):
+                          target_logits: torch.Tensor | None, gamma: float, dp_size: int = 1, tp_group=None,
+                          loss_mask: torch.Tensor | None = None):
     """The logit-dependent part of G: ``(R Σ P_i CE_i + γ KL, ce [b], kl)``.
 
     Split from :func:`lower_level_loss` so the Gauss-Newton engine can differentiate it w.r.t. the logits alone.
@@ -128,7 +129,7 @@ def weighted_lm_objective(logits: torch.Tensor, labels: torch.Tensor, weights: t
     to rounding (tested in float64).
     """
     fn = lm_loss.weighted_lm_loss if fused_loss(logits.device) else lm_loss.reference_weighted_lm_loss
-    return fn(logits, labels, weights, target_logits, gamma, None, dp_size, tp_group)
+    return fn(logits, labels, weights, target_logits, gamma, loss_mask, dp_size, tp_group)
 
 
 def weighted_lm_output_hvp(logits: torch.Tensor, weights: torch.Tensor, gamma: float, has_target: bool,
@@ -169,7 +170,7 @@ def lower_level_loss(proxy, score_model, tokens: torch.Tensor, target_logits: to
         scores = score_model(tokens)
     weights, own = sequence_weights(scores, normalizer, group)
     inputs, labels, _ = split_next_token(tokens)
-    logits = gpt_logits(proxy, inputs)
+    logits = gpt_features(proxy, inputs)[1]
     lm, ce, kl = weighted_lm_objective(logits, labels, weights, target_logits, gamma, parallel.group_size(group),
                                        tp_group)
     l2 = ref.squared_norm(list(proxy.parameters()))
@@ -188,15 +189,16 @@ def validation_loss(proxy, tokens: torch.Tensor, loss_mask: torch.Tensor, group=
     With ``local`` both are this rank's own token mean (no communication).
     """
     group = resolve_group(group)
-    if local:
-        inputs, labels, mask = split_next_token(tokens, loss_mask)
-        loss = ref.token_mean_cross_entropy(gpt_logits(proxy, inputs), labels, mask, tp_group)
-        return loss, loss.detach()
     inputs, labels, mask = split_next_token(tokens, loss_mask)
-    logits = gpt_logits(proxy, inputs)
-    per_token = ref.token_cross_entropy(logits, labels, tp_group)
-    mask = mask.to(per_token.dtype)
-    total = (per_token * mask).sum()
-    stats = parallel.all_reduce(torch.stack([total.detach(), mask.sum()]), group)
-    count = stats[1].clamp_min(1.0)
-    return total * parallel.group_size(group) / count, stats[0] / count
+    logits = gpt_features(proxy, inputs)[1]
+    mask = mask.to(logits.dtype if logits.dtype == torch.float64 else torch.float32)
+    counts = mask.sum(dim=1)
+    total = counts.sum() if local else parallel.all_reduce(counts.sum().clone(), group)
+    total = total.clamp_min(1.0)
+    dp = 1 if local else parallel.group_size(group)
+    # the masked token mean as the fused weighted loss: P_i = n_i / N makes R Σ P_i CE_i = R Σ_it m_it ce_it / N
+    loss, ce, _ = weighted_lm_objective(logits, labels, counts / total, None, 0.0, dp, tp_group, mask)
+    mean = (counts * ce.detach()).sum() / total
+    if not local:
+        mean = parallel.all_reduce(mean.clone(), group)
+    return loss, mean

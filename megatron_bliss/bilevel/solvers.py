@@ -64,6 +64,11 @@ class SolveResult:
     """CG: met a direction p with pᵀ(C + μI)p ≤ 0 and stopped there."""
     history: list = field(default_factory=list)
     """Relative residual per iteration where the solver knows it for free (CG's recursive residual)."""
+    step_size: float | None = None
+    """Amortized: the step along the residual that a one-product step takes (kept for the next outer step)."""
+    first_scale: float = 1.0
+    """Amortized: the z the hypergradient uses is this multiple of the vector of the solve's first product (the
+    kept z; at a round's first step, the one exact step from zero along g)."""
 
 
 def one_over_numel(like: Sequence[torch.Tensor], space=None) -> list:
@@ -167,9 +172,11 @@ def solve_cg(operator: Callable, g: Sequence[torch.Tensor], *, max_steps: int, d
         r = [t.clone() for t in g]
     else:
         z = [t.detach().clone() for t in z0]
-        cz = operator(z)
+        r = [c.detach() for c in operator(z)]
         products += 1
-        r = [gg - c - damping * zz for gg, c, zz in zip(g, cz, z)]
+        with torch.no_grad():  # r = g − (C + μI) z in place of C z
+            for rk, gk, zk in zip(r, g, z):
+                rk.add_(zk, alpha=damping).neg_().add_(gk)
     p = [t.clone() for t in r]
     rr = _dot(r, r, space)
     history = [rr ** 0.5 / g_norm]
@@ -177,7 +184,8 @@ def solve_cg(operator: Callable, g: Sequence[torch.Tensor], *, max_steps: int, d
     negative = False
     iterations = 0
     while not converged and iterations < max_steps:
-        ap = [c.detach() + damping * pp for c, pp in zip(operator(p), p)]
+        ap = [c.detach() for c in operator(p)]  # fresh tensors: (C + μI) p in place, no second list
+        _axpy(damping, p, ap)
         products += 1
         iterations += 1
         pap = _dot(p, ap, space)
@@ -201,3 +209,85 @@ def solve_cg(operator: Callable, g: Sequence[torch.Tensor], *, max_steps: int, d
         products += 1
     return SolveResult(z=z, residual=residual, products=products, iterations=iterations, converged=converged,
                        negative_curvature=negative, history=history)
+
+
+def solve_amortized(operator: Callable, g: Sequence[torch.Tensor], z: Sequence[torch.Tensor] | None, *,
+                    products: int, damping: float, step_size: float | None = None, observe=None,
+                    compute_residual: bool = False) -> SolveResult:
+    """Advances a kept z on this outer step's system (C + μI) z = g with ``products`` curvature products.
+
+    The first product is taken at the kept z and gives its residual r = g − (C + μI) z on this batch. With one
+    product, z moves to z + α r with α the step kept from earlier steps (halved when the kept z's relative residual
+    exceeds 1, i.e. when it is worse than z = 0: α was too long for the current curvature); with more, they are
+    conjugate-gradient iterations from z, and the first one's exact step α = rᵀr / rᵀ(C + μI)r is kept. At a round's
+    start (``z`` None) z = 0 needs no product: the first one gives the exact step along g, and z = α g.
+
+    Args:
+        operator: ``v ↦ C v``; with ``observe``, called as ``operator(v, observe=observe)`` for the first product,
+            which hands ``observe`` the outputs' J·v (the hypergradient's mixed term shares it).
+        g: right-hand side.
+        z: the kept z, or None at a round's start.
+        products: curvature products this step (≥ 1), not counting the residual measurement.
+        damping: μ.
+        step_size: α kept from the previous step (None: no step measured yet; a one-product step then has none to
+            take and measures it along r with a second product).
+        observe: see ``operator``.
+        compute_residual: spend one more product on the advanced z's true residual.
+
+    Returns:
+        A :class:`SolveResult`: ``z`` the advanced z, ``history[0]`` the kept z's relative residual on this batch,
+        ``step_size`` the α to keep, ``first_scale`` as documented there.
+    """
+    space = getattr(operator, "space", None)
+    g = [t.detach() for t in g]
+    g_norm = max(_norm(g, space), 1e-300)
+    call = (lambda v: operator(v, observe=observe)) if observe is not None else operator
+    used = 0
+    if z is None:  # z = 0: r = g without a product; the first product measures the exact step along it
+        r = [t.clone() for t in g]
+        z = [torch.zeros_like(t) for t in g]
+        kept_residual, scale_first = 1.0, None
+    else:
+        z = [t.detach().clone() for t in z]
+        r = [c.detach() for c in call(z)]
+        used += 1
+        with torch.no_grad():  # r = g − (C + μI) z in place of C z
+            for rk, gk, zk in zip(r, g, z):
+                rk.add_(zk, alpha=damping).neg_().add_(gk)
+        kept_residual, scale_first = _norm(r, space) / g_norm, 1.0
+        if step_size is not None and kept_residual > 1.0 and products == 1:
+            step_size = step_size / 2
+    rr = _dot(r, r, space)
+    negative = False
+    if used < products or step_size is None:  # conjugate-gradient iterations from z (the first measures α)
+        p = [t.clone() for t in r]
+        first = True
+        while used < max(products, 1) or first:
+            ap = [c.detach() for c in (call(p) if scale_first is None and first else operator(p))]
+            _axpy(damping, p, ap)
+            used += 1
+            pap = _dot(p, ap, space)
+            if pap <= 0:
+                negative = True
+                break
+            alpha = rr / pap
+            if first:
+                step_size, first = alpha, False
+                if scale_first is None:
+                    scale_first = alpha
+            _axpy(alpha, p, z)
+            _axpy(-alpha, ap, r)
+            rr_new = _dot(r, r, space)
+            if used >= products:
+                break
+            _axpby_into(p, r, rr_new / rr)
+            rr = rr_new
+    else:
+        _axpy(step_size, r, z)
+    residual = None
+    if compute_residual:
+        residual = relative_residual(operator, z, g, damping)
+        used += 1
+    return SolveResult(z=z, residual=residual, products=used, iterations=used, negative_curvature=negative,
+                       history=[kept_residual], step_size=step_size,
+                       first_scale=scale_first if scale_first is not None else 0.0)

@@ -108,7 +108,7 @@ class BilevelTrainer:
         self.eval_set = self.val_stream.eval_batches(b.eval_batches)
         self.proxy_opt = build_adamw(self.proxy, b.proxy_lr, b)
         self.score_opt = build_adamw(self.score, b.score_lr, b)
-        self.step, self.proxy_steps, self.normalizer, self.z = 0, 0, None, None
+        self.step, self.proxy_steps, self.normalizer, self.z, self.z_step = 0, 0, None, None, None
         self.skipped = {"inner": 0, "outer": 0, "consecutive": 0}
         self.checkpoints = ckpt.CheckpointManager(os.path.join(paths.output_dir, "checkpoints"), b.keep_checkpoints)
         self._saved_step = None
@@ -187,7 +187,8 @@ class BilevelTrainer:
         tokens, val = self.train_stream.next(), self.val_stream.next()
         residual_now = b.residual_interval > 0 and self.step % b.residual_interval == 0
         res = score_hypergradient(self.score, self.proxy, tokens, val, self._target_logits(tokens), b,
-                                  group=self.group, z_init=self.z, compute_residual=residual_now, engine=self.engine)
+                                  group=self.group, z_init=self.z, compute_residual=residual_now, engine=self.engine,
+                                  step_size=self.z_step)
         if _all_finite(res.grads) and math.isfinite(res.c_bar):
             params = list(self.score.parameters())
             self._apply(self.score_opt, params, res.grads,
@@ -195,6 +196,7 @@ class BilevelTrainer:
             self.normalizer = res.normalizer
             keep = b.solver == "amortized" or b.solver_init == "warm"
             self.z = [z.detach() for z in res.z] if keep else None
+            self.z_step = res.solve.step_size
             self.skipped["consecutive"] = 0
         else:
             self._skip("outer", f"non-finite hypergradient at outer step {self.step}")
@@ -207,6 +209,7 @@ class BilevelTrainer:
             metrics["z_negative_curvature"] = 1
         if b.solver == "amortized" and res.solve.history:  # the kept z's residual on this batch, before its update
             metrics["z_residual_kept"] = res.solve.history[0]
+            metrics["z_step"] = res.solve.step_size
         return metrics
 
     @torch.no_grad()
@@ -292,7 +295,7 @@ class BilevelTrainer:
         """Counters, normalizer and data positions (models, optimizers and z are saved beside it)."""
         return {"step": self.step, "proxy_steps": self.proxy_steps,
                 "normalizer": self.normalizer.state_dict() if self.normalizer else None,
-                "skipped": dict(self.skipped), "train_data": self.train_stream.state_dict(),
+                "skipped": dict(self.skipped), "z_step": self.z_step, "train_data": self.train_stream.state_dict(),
                 "val_data": self.val_stream.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -300,6 +303,7 @@ class BilevelTrainer:
         self.step, self.proxy_steps = int(state["step"]), int(state["proxy_steps"])
         self.normalizer = Normalizer.from_state_dict(state["normalizer"])
         self.skipped = dict(state["skipped"])
+        self.z_step = state.get("z_step")
         self.train_stream.load_state_dict(state["train_data"])
         self.val_stream.load_state_dict(state["val_data"])
 

@@ -16,6 +16,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from megatron_bliss import parallel
 from megatron_bliss.models.presets import ModelConfig, to_transformer_config
 
 logger = logging.getLogger(__name__)
@@ -164,3 +165,60 @@ def gpt_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """Logits ``[b, s, vocab/tp]`` of a single-stage GPT on ``tokens`` ``[b, s]`` (no labels: full autograd)."""
     b, s = tokens.shape
     return model(tokens, position_ids(b, s, tokens.device), causal_attention_mask(s, tokens.device))
+
+
+class _Features(Exception):
+    """Carries the output layer's input (and its logits) out of a forward that stops there."""
+
+    def __init__(self, h, logits):
+        super().__init__("features")
+        self.h, self.logits = h, logits
+
+
+def gpt_features(model, tokens: torch.Tensor, call=None, logits: bool = True) -> tuple:
+    """``(h, logits)`` of a single-stage GPT on ``tokens``: ``h`` ``[b, s, hidden]`` is the output layer's input (the
+    final layer norm's output, with autograd history) and ``logits = h Wᵀ`` ``[b, s, vocab/tp]``.
+
+    The bilevel round's passes use it instead of :func:`gpt_logits`: the Gauss-Newton products take the output
+    layer, a linear map, in closed form from ``h``, so that their kept graph and double-backward trick stay
+    hidden-sized (see :class:`megatron_bliss.bilevel.hvp.GaussNewton`), and the logits come out in ``[b, s]`` order
+    without the copy that transposing megatron-core's ``[s, b]`` output costs. The forward stops in front of the
+    output layer, which is then applied here as megatron-core's ``ColumnParallelLinear`` does without sequence
+    parallelism (its input copied to the tensor-parallel region, so the backward sums ``h``'s gradient over it).
+    The model must have its own (untied) output layer without a bias, as :func:`build_gpt` builds it. ``call``
+    evaluates the model in its place (a ``torch.func.functional_call`` at other parameters); the hook sits on
+    ``model``'s output layer either way. With ``logits=False`` the result is ``(h, None)``.
+    """
+    layer = output_layer(model)
+
+    def stop(module, args):
+        h = args[0].transpose(0, 1)
+        out = None
+        if logits:
+            x = h
+            if parallel.tensor_parallel_size() > 1:
+                from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+                x = copy_to_tensor_model_parallel_region(h)
+            out = F.linear(x, module.weight)
+        raise _Features(h, out)
+
+    handle = layer.register_forward_pre_hook(stop)
+    try:
+        gpt_logits(call or model, tokens)
+    except _Features as stopped:
+        return stopped.h, stopped.logits
+    finally:
+        handle.remove()
+    raise RuntimeError("the model's forward never reached its output layer")
+
+
+def output_layer(model):
+    """The model's output layer (megatron-core's ``ColumnParallelLinear``), unwrapping DDP/Float16 wrappers."""
+    while not hasattr(model, "output_layer") and hasattr(model, "module"):
+        model = model.module
+    layer = getattr(model, "output_layer", None)
+    if layer is None or getattr(layer, "bias", None) is not None or getattr(model, "share_embeddings_and_output_weights",
+                                                                          False):
+        raise ValueError("gpt_features needs an untied output layer without bias")
+    return layer

@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_OVERWRITE_CHUNKS = 16
+"""Kernel calls of an in-place curvature product: its one temporary is this fraction of the product's rows."""
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -337,7 +339,9 @@ def lm_output_hvp(logits: torch.Tensor, weights: torch.Tensor, gamma: float, has
 
     Every position's CE and KL(p_target ‖ softmax(z)) share the logit Hessian diag(q) − q qᵀ, so position t of
     sequence i contributes ``(R P_i m_it / n_i + γ m_it / N) (q ⊙ u − q (q · u))``. Vocabulary-parallel with
-    ``tp_group``; ``u`` has the logits' shape, and the product is returned in their dtype.
+    ``tp_group``; ``u`` has the logits' shape, and the product is returned in their dtype. ``product(u,
+    overwrite=True)`` may write the product into ``u`` (a row chunk at a time: no second vocabulary-sized buffer)
+    and return it.
     """
     b, n, v = logits.shape
     z = logits.detach().reshape(b * n, v)
@@ -346,12 +350,18 @@ def lm_output_hvp(logits: torch.Tensor, weights: torch.Tensor, gamma: float, has
     coeff = _curvature_weights(weights, loss_mask, gamma, has_target, dp_size, b, n, lse.dtype, z.device).reshape(-1)
     zeros = torch.zeros_like(coeff)
 
-    def product(u: torch.Tensor) -> torch.Tensor:
+    def product(u: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         flat = u.reshape(b * n, v).to(z.dtype)
         qu = lm_row_dots(z, lse, None, None, no_labels, flat)[:, 0]
         if _sharded(tp_group):
             qu = parallel.all_reduce(qu.clone(), tp_group)
-        return lm_logit_grad(z, lse, None, None, no_labels, zeros, zeros, flat, coeff, qu).view(b, n, v)
+        if not (overwrite and flat.data_ptr() == u.data_ptr() and flat.is_contiguous()):
+            return lm_logit_grad(z, lse, None, None, no_labels, zeros, zeros, flat, coeff, qu).view(b, n, v)
+        for rows in torch.arange(b * n, device=z.device).split(max(1, -(-(b * n) // _OVERWRITE_CHUNKS))):  # into u, chunk by chunk
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            flat[lo:hi] = lm_logit_grad(z[lo:hi], lse[lo:hi], None, None, no_labels[lo:hi], zeros[lo:hi],
+                                        zeros[lo:hi], flat[lo:hi], coeff[lo:hi], qu[lo:hi])
+        return u
 
     return product
 
@@ -406,11 +416,11 @@ def reference_lm_output_hvp(logits: torch.Tensor, weights: torch.Tensor, gamma: 
     q = torch.exp(z - ref.logsumexp(z, tp_group).unsqueeze(-1)) if _sharded(tp_group) else torch.softmax(z, dim=-1)
     coeff = _curvature_weights(weights, loss_mask, gamma, has_target, dp_size, b, n, q.dtype, q.device)[..., None]
 
-    def product(u: torch.Tensor) -> torch.Tensor:
+    def product(u: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         u = u.to(q.dtype)
         qu = (q * u).sum(dim=-1, keepdim=True)
         if _sharded(tp_group):
             qu = parallel.all_reduce(qu, tp_group)
-        return (coeff * q * (u - qu)).to(logits.dtype)
+        return (coeff * q * (u - qu)).to(logits.dtype)  # ``overwrite`` is a permission the reference does not use
 
     return product

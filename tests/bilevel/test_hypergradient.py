@@ -188,11 +188,12 @@ def test_amortized_steps_on_a_fixed_batch_converge_to_the_dense_solve(setup):
     config = _exact_config(curvature="gauss_newton", damping=mu, solver="amortized", solver_steps=1, cg_tol=1e-14)
     operator = hvp_mod.build_operator(lower_level_objective(proxy, tokens, weights, tl, config), "exact",
                                       "gauss_newton")
-    z, residuals = None, []
-    for _ in range(400):  # one CG iteration per outer step from the kept z, as the trainer runs it
-        solve = solve_z(operator, g, config, z_init=z, compute_residual=False)
-        z = solve.z
+    z, step, residuals = None, None, []
+    for _ in range(400):  # one product per outer step from the kept z and step, as the trainer runs it
+        solve = solve_z(operator, g, config, z_init=z, compute_residual=False, step_size=step)
+        z, step = solve.z, solve.step_size
         residuals.append(solve.history[0])
+        assert solve.products == 1
     operator.close()
     assert residuals[10] < residuals[0] and residuals[-1] < 1e-9
     assert _rel(z, tiny.unflat(z_ref, z)) < 1e-8
