@@ -218,7 +218,7 @@ def output_layer(model):
     while not hasattr(model, "output_layer") and hasattr(model, "module"):
         model = model.module
     layer = getattr(model, "output_layer", None)
-    if layer is None or getattr(layer, "bias", None) is not None or getattr(model, "share_embeddings_and_output_weights",
-                                                                          False):
+    tied = getattr(model, "share_embeddings_and_output_weights", False)
+    if layer is None or getattr(layer, "bias", None) is not None or tied:
         raise ValueError("gpt_features needs an untied output layer without bias")
     return layer

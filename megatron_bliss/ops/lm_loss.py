@@ -357,8 +357,9 @@ def lm_output_hvp(logits: torch.Tensor, weights: torch.Tensor, gamma: float, has
             qu = parallel.all_reduce(qu.clone(), tp_group)
         if not (overwrite and flat.data_ptr() == u.data_ptr() and flat.is_contiguous()):
             return lm_logit_grad(z, lse, None, None, no_labels, zeros, zeros, flat, coeff, qu).view(b, n, v)
-        for rows in torch.arange(b * n, device=z.device).split(max(1, -(-(b * n) // _OVERWRITE_CHUNKS))):  # into u, chunk by chunk
-            lo, hi = int(rows[0]), int(rows[-1]) + 1
+        chunk = max(1, -(-(b * n) // _OVERWRITE_CHUNKS))
+        for lo in range(0, b * n, chunk):  # into u, chunk by chunk
+            hi = min(lo + chunk, b * n)
             flat[lo:hi] = lm_logit_grad(z[lo:hi], lse[lo:hi], None, None, no_labels[lo:hi], zeros[lo:hi],
                                         zeros[lo:hi], flat[lo:hi], coeff[lo:hi], qu[lo:hi])
         return u
