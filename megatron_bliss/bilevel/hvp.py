@@ -224,7 +224,8 @@ class CurvatureOperator:
     """Whether a product can hand its J·v to an ``observe`` callback (Gauss-Newton computes J·v on the way)."""
 
     def __call__(self, v: Sequence[torch.Tensor], observe: Callable[[torch.Tensor], None] | None = None) -> Tensors:
-        """C·v; with ``observe`` (only where :attr:`observes_jvp`), ``observe(J·v)`` is called on the way."""
+        """C·v; with ``observe`` (only where :attr:`observes_jvp`), ``observe(J·v)`` is called on the way (the
+        buffer is reused for the product once ``observe`` returns: copy what must outlive the call)."""
         if observe is not None and not self.observes_jvp:
             raise ValueError(f"{self.name} products do not compute J·v")
         self.products += 1

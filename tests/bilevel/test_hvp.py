@@ -134,3 +134,27 @@ def test_resolve_engine_choices_and_errors():
     with pytest.raises(ValueError, match="forward-mode AD"):
         H.resolve_engine("finite_difference", "jvp", "hessian", attention_backend="sdpa", tp_size=1,
                          params_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("engine", ["exact", "finite_difference"])
+def test_closed_form_output_layer_equals_the_whole_graph(setup, engine):
+    """Gauss-Newton with the output layer in closed form (features h, J_h·v, the λ‖θ‖² curvature as 2λv) against
+    the same operator on the whole forward graph (double-backward trick, double backward of the parameter loss)."""
+    import dataclasses
+
+    obj = setup["obj"]
+    assert obj.features is not None and obj.head is not None and obj.param_curvature == 2e-3
+    whole = dataclasses.replace(obj, features=None, hidden=None, head=None, param_curvature=None)
+    split_op, whole_op = (H.build_operator(o, engine, "gauss_newton", fd_eps=1e-5) for o in (obj, whole))
+    gen = torch.Generator().manual_seed(5)
+    seen = []
+    for _ in range(2):
+        v = [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in obj.params]
+        seen.clear()
+        split = split_op(v, observe=lambda jv: seen.append(jv.clone()))  # its buffer becomes the product
+        assert _rel(tiny.flat(split), tiny.flat(whole_op(v))) < (1e-12 if engine == "exact" else 1e-6)
+        assert _rel(seen[0], whole_op.output_jvp(v)) < (1e-12 if engine == "exact" else 1e-6)  # J·v, before overwrite
+    split_op.close()
+    whole_op.close()
+    with pytest.raises(ValueError, match="do not compute J"):
+        H.build_operator(obj, "exact", "hessian")(v, observe=seen.append)

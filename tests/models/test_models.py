@@ -108,3 +108,28 @@ def test_parallel_layouts_match_one_process(tmp_path_factory, layout):
         run_torchrun(script, "save_ref", ckpt, ref, nproc=1)
     out = run_torchrun(script, "check", ckpt, ref, *layout)
     assert '"ref"' in out
+
+
+def test_gpt_features_equal_the_models_own_forward(single_process):
+    """The bilevel round's logits (the forward stopped at the output layer, which is applied in [b, s] order) equal
+    megatron-core's, with the same gradients; ``logits=False`` returns h alone."""
+    from megatron_bliss.models.gpt import gpt_features
+
+    cfg = get_preset("debug")
+    model = build_gpt(cfg, attention_backend="local")
+    tokens = torch.randint(0, cfg.vocab_size, (3, cfg.seq_length))
+    h, logits = gpt_features(model, tokens)
+    expected = gpt_logits(model, tokens)
+    assert h.shape == (3, cfg.seq_length, cfg.hidden_size) and logits.is_contiguous()
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, h @ model.output_layer.weight.t(), rtol=1e-5, atol=1e-5)
+    probe = torch.randn_like(expected)
+    params = list(model.parameters())
+    ours = torch.autograd.grad((logits * probe).sum(), params)
+    theirs = torch.autograd.grad((expected * probe).sum(), params)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    alone, none = gpt_features(model, tokens, logits=False)
+    assert none is None
+    torch.testing.assert_close(alone, h)
+    assert not model.output_layer._forward_pre_hooks  # the hook is removed

@@ -95,6 +95,10 @@ def test_output_hvp_equals_the_double_backward(kernels):
     gz = torch.autograd.grad(unfused(z, labels, w, tgt, 0.7, None, 2)[0], z, create_graph=True)[0]
     expected = torch.autograd.grad((gz * u).sum(), z)[0]
     torch.testing.assert_close(lm_loss.lm_output_hvp(logits, w, 0.7, True, 2)(u), expected, rtol=1e-12, atol=1e-14)
+    into = u.clone()  # overwrite=True writes the product into u's buffer, a row chunk at a time
+    out = lm_loss.lm_output_hvp(logits, w, 0.7, True, 2)(into, overwrite=True)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-14)
+    assert out.data_ptr() == into.data_ptr()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
