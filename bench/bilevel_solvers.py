@@ -14,8 +14,9 @@ the score model is trained to reproduce. The last line names the curvature whose
 
 ``--round N`` follows the solvers over N outer steps the way a bilevel round runs them instead: each step draws a
 new train micro-batch of 16 and a new validation batch, the proxy takes one AdamW step on G (so the system moves as
-in a round), and three solvers work on that step's Gauss-Newton system: ``amortized`` (z kept from the previous
-step, one CG iteration), the method's cold ``sgd K=3`` and a cold ``cg K=10``. Every step each z's true relative
+in a round), and three solvers work on that step's Gauss-Newton system: ``amortized`` (z and its step length kept
+from the previous step, one curvature product: the residual and a step along it), the method's cold ``sgd K=3``
+and a cold ``cg K=10``. Every step each z's true relative
 residual on that step's batch is measured; every ``--every`` steps a cold 20-iteration CG solve of the same batch
 is the reference, and the table gives each z's cosine with it and the AUC of its c_i on held-out KJV. The last line
 says from which step on the amortized residual stays below the cold 10-step CG's.
@@ -141,7 +142,7 @@ def follow_round(args, proxy, pool, val_tokens, val_mask, probe, probe_kjv, rng)
                "cg K=10": config("cg", 10, "zero")}
     reference = config("cg", 20, "zero")
     opt = torch.optim.AdamW(proxy.parameters(), lr=1e-4, weight_decay=0.0)
-    kept, below, rows = None, [], []
+    kept, kept_step, below, rows = None, None, [], []
     names = list(solvers)
     print(f"round: {args.round} outer steps, Gauss-Newton, mu={args.damping}; residual = ‖(C + μI)z − ∇f‖/‖∇f‖ on "
           "each step's batch; cos and AUC against a cold 20-step CG every "
@@ -159,9 +160,13 @@ def follow_round(args, proxy, pool, val_tokens, val_mask, probe, probe_kjv, rng)
         op = H.build_operator(objective, "exact", "gauss_newton")
         zs, residuals = {}, {}
         for name, cfg_b in solvers.items():
-            res = solve_z(op, g, cfg_b, z_init=kept if name == "amortized" else None, compute_residual=False)
+            amortized = name == "amortized"
+            res = solve_z(op, g, cfg_b, z_init=kept if amortized else None, compute_residual=False,
+                          step_size=kept_step if amortized else None)
             zs[name] = res.z
             residuals[name] = relative_residual(op, res.z, g, args.damping)
+            if amortized:
+                kept_step = res.step_size
         kept = zs["amortized"]
         below.append(residuals["amortized"] < residuals["cg K=10"])
         if step % args.every == 0 or step == args.round:

@@ -7,8 +7,10 @@ forward+backward (megatron-core's fused cross-entropy, as in pretraining); an ou
 :class:`BilevelTrainer.outer_step` does with ``inner_steps=1`` and the method's z-solve (K = 3 SGD steps, no residual
 measurement): one inner proxy step (score forward, proxy forward+backward, AdamW), the validation gradient, three
 curvature products, the batched mixed term and one score backward, then the score AdamW step. Variants: the HVP
-engine x curvature, the per-sample loop of the authors' recipe for the mixed term (reference only), and the
-amortized solver (``solver: amortized``, K = 1: the kept z's residual and one CG iteration, two products).
+engine x curvature, the per-sample loop of the authors' recipe for the mixed term (reference only), the amortized
+solver (``solver: amortized``, K = 1: one product at the kept z gives its residual, its step and the mixed term's
+J·z), and the amortized solver with ``share_inner_step`` (the documented deviation: the hypergradient at the proxy
+before its inner step, on that step's micro-batch, so the inner step's forward is the curvature's).
 
 Each variant runs with the lower-level loss fused (``megatron_bliss.ops.lm_loss`` on the compiled kernels, when
 the extension has them) and unfused (the reference autograd graph); nothing else differs between the two rows.
@@ -36,15 +38,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 VARIANTS = {
-    # name: (hvp_engine, curvature, mixed_term, solver, solver_steps)
-    "exact/hessian": ("exact", "hessian", "jvp", "sgd", 3),
-    "exact/gauss_newton": ("exact", "gauss_newton", "jvp", "sgd", 3),
-    "finite_difference/hessian": ("finite_difference", "hessian", "finite_difference", "sgd", 3),
-    "finite_difference/gauss_newton": ("finite_difference", "gauss_newton", "finite_difference", "sgd", 3),
-    "exact/hessian + per-sample loop": ("exact", "hessian", "loop", "sgd", 3),
-    "exact/gauss_newton amortized K=1": ("exact", "gauss_newton", "jvp", "amortized", 1),
+    # name: (hvp_engine, curvature, mixed_term, solver, solver_steps, share_inner_step)
+    "exact/hessian": ("exact", "hessian", "jvp", "sgd", 3, False),
+    "exact/gauss_newton": ("exact", "gauss_newton", "jvp", "sgd", 3, False),
+    "finite_difference/hessian": ("finite_difference", "hessian", "finite_difference", "sgd", 3, False),
+    "finite_difference/gauss_newton": ("finite_difference", "gauss_newton", "finite_difference", "sgd", 3, False),
+    "exact/hessian + per-sample loop": ("exact", "hessian", "loop", "sgd", 3, False),
+    "exact/gauss_newton amortized K=1": ("exact", "gauss_newton", "jvp", "amortized", 1, False),
     "finite_difference/gauss_newton amortized K=1": ("finite_difference", "gauss_newton", "finite_difference",
-                                                     "amortized", 1),
+                                                     "amortized", 1, False),
+    "exact/gauss_newton amortized K=1 shared-inner": ("exact", "gauss_newton", "jvp", "amortized", 1, True),
+    "finite_difference/gauss_newton amortized K=1 shared-inner": (
+        "finite_difference", "gauss_newton", "finite_difference", "amortized", 1, True),
 }
 
 
@@ -85,10 +90,11 @@ def run_one(args) -> dict:
     train = rng.integers(0, cfg.vocab_size, (n, args.seq + 1))
     val_tokens = rng.integers(0, cfg.vocab_size, (n, args.seq + 1))
     val_mask = np.ones_like(val_tokens, dtype=np.float32)
-    engine, curvature, mixed, solver, steps = VARIANTS.get(args.variant, ("exact", "hessian", "jvp", "sgd", 3))
+    engine, curvature, mixed, solver, steps, share = VARIANTS.get(args.variant,
+                                                                  ("exact", "hessian", "jvp", "sgd", 3, False))
     b = BilevelConfig(kl_coef=0.0, hvp_engine=engine, curvature=curvature, mixed_term=mixed, solver=solver,
-                      solver_steps=steps, residual_interval=0, micro_batch_size=args.micro_batch,
-                      val_micro_batch_size=args.micro_batch, outer_steps=10 ** 6,
+                      solver_steps=steps, share_inner_step=share, residual_interval=0,
+                      micro_batch_size=args.micro_batch, val_micro_batch_size=args.micro_batch, outer_steps=10 ** 6,
                       tensorboard=False, eval_interval=0, save_interval=10 ** 6)
     trainer = BilevelTrainer(BilevelRunConfig(proxy=cfg, bilevel=b), BilevelPaths(output_dir=args.workdir), train,
                              (val_tokens, val_mask))

@@ -16,7 +16,7 @@ LAMBADA's last word at this size); the target's last-word loss is reported besid
 Selectors, each keeping the top 20 % of the pool:
 - ``random``: a seeded uniform sample (the baseline); ``random-2`` another draw (how noisy the ratios are);
 - ``bliss-cg``: a BLISS round (no KL term) whose z-solve converges: CG on the Gauss-Newton curvature, μ = 0.1;
-- ``bliss-amortized``: the same round with the amortized solver (z kept across outer steps, one CG iteration on
+- ``bliss-amortized``: the same round with the amortized solver (z kept across outer steps, one curvature product on
   each step's batch, Gauss-Newton, μ = 0.1);
 - ``bliss-sgd``: the same round with the method's z-solve (3 SGD steps from z = 1/numel, Hessian, μ = 0.01);
 - ``cosine``: cosine between a sequence's mean-pooled hidden state under the warm-up proxy and the validation
@@ -63,7 +63,7 @@ CORRUPTIONS = ("shuffled", "repeated", "boilerplate")
 CONVERGING_SOLVE = dict(solver="cg", curvature="gauss_newton", solver_init="zero", damping=0.1, solver_steps=20,
                         cg_tol=1e-2)
 METHOD_SOLVE = dict(solver="sgd", curvature="hessian", solver_steps=3)  # the method's: BilevelConfig defaults
-# z kept across outer steps, one CG iteration per step on that step's batch (two products)
+# z and its step length kept across outer steps, one curvature product per step on that step's batch
 AMORTIZED_SOLVE = dict(solver="amortized", curvature="gauss_newton", damping=0.1, solver_steps=1, cg_tol=1e-2)
 TABLE_ORDER = ("random", "random-2", "bliss-cg", "bliss-amortized", "bliss-sgd", "cosine", "grad-align", "influence",
                "untrained", "flipped", "clean+random")

@@ -42,10 +42,11 @@ class BilevelConfig:
     """Finite differences: norm of the parameter perturbation ε·v/‖v‖ (fp32 needs about 1e-2; fp64 1e-4)."""
     solver: str = "sgd"
     """Inverse-HVP solver for z ≈ (H + μI)⁻¹ ∇f: 'sgd' (the method's K damped steps), 'cg' (conjugate gradient), or
-    'amortized' (z kept across outer steps and advanced by K conjugate-gradient iterations on each step's batch:
-    the warm-started stochastic scheme of SOBA/AmIGO; use it with Gauss-Newton curvature and K = 1 or 2)."""
+    'amortized' (z kept across outer steps and advanced by K curvature products on each step's batch, the first at
+    the kept z, which also gives the mixed term: the warm-started stochastic scheme of SOBA/AmIGO; use it with
+    Gauss-Newton curvature and K = 1)."""
     solver_steps: int = 3
-    """K: SGD steps, the most CG iterations, or the amortized solver's CG iterations per outer step."""
+    """K: SGD steps, the most CG iterations, or the amortized solver's curvature products per outer step."""
     solver_lr: float = 1e-2
     """η_z: SGD step size."""
     damping: float = 1e-2
@@ -67,6 +68,12 @@ class BilevelConfig:
     """Rescale each tensor of the hypergradient to unit norm when its norm exceeds 1 (the method's)."""
     residual_interval: int = 1
     """Measure the solver's true relative residual every this many outer steps (one extra H·v; 0 = never)."""
+
+    share_inner_step: bool = False
+    """A documented deviation from the method's order, off by default: the hypergradient is taken at the proxy
+    *before* the outer step's last inner step, on that step's micro-batch, so that one proxy forward serves the
+    inner gradient, the curvature products and the mixed term, and one score forward serves both; the inner update
+    is applied afterwards. The method takes it after the update, on a fresh micro-batch."""
 
     # --- optimization ---
     inner_steps: int = 1

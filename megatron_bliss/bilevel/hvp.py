@@ -242,6 +242,10 @@ class CurvatureOperator:
         """The outputs at θ (detached) when the operator kept them, else None."""
         return None
 
+    def output_vjp(self, w: torch.Tensor) -> Tensors | None:
+        """Jᵀw through the kept forward graph (this rank's, not reduced), or None when nothing is kept."""
+        return None
+
     def close(self) -> None:
         """Releases autograd graphs kept between products."""
 
@@ -343,6 +347,9 @@ class ExactHessian(CurvatureOperator):
     def outputs(self):
         return self._kept.out.detach()
 
+    def output_vjp(self, w):
+        return self._kept.vjp(w)
+
     def close(self):
         self._grads = self._kept = None
 
@@ -414,6 +421,9 @@ class GaussNewton(CurvatureOperator):
     def outputs(self):
         return self._leaf.detach()
 
+    def output_vjp(self, w):
+        return self._kept.vjp(w)
+
     observes_jvp = True
 
     def _apply(self, v, observe=None):
@@ -461,6 +471,9 @@ class DataParallelMean(CurvatureOperator):
 
     def outputs(self):
         return self.inner.outputs()
+
+    def output_vjp(self, w):
+        return self.inner.output_vjp(w)  # this rank's: not reduced
 
     def close(self):
         self.inner.close()

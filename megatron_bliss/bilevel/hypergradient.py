@@ -31,6 +31,7 @@ from megatron_bliss.bilevel.config import BilevelConfig
 from megatron_bliss.bilevel.losses import (
     Normalizer,
     fused_loss,
+    lower_level_loss,
     resolve_group,
     sequence_weights,
     validation_loss,
@@ -81,11 +82,58 @@ class HypergradResult:
     """Engine and mixed-term method used, with the reason."""
     timings: dict = field(default_factory=dict)
     """Seconds per phase: val_grad, solve, mixed_term, score_backward."""
+    inner: InnerGradient | None = None
+    """With ``inner``: the proxy's inner-step gradient on this micro-batch, before any update."""
 
     @property
     def residual(self) -> float | None:
         """Relative residual of the z-solve."""
         return self.solve.residual
+
+
+@dataclass
+class InnerGradient:
+    """The proxy's gradient of G on the outer micro-batch, from the hypergradient's own forward
+    (``BilevelConfig.share_inner_step``)."""
+
+    grads: list
+    """∇G at the proxy (data-parallel mean), aligned with ``proxy.parameters()``."""
+    loss: torch.Tensor
+    """This rank's G_r (see :class:`~megatron_bliss.bilevel.losses.LowerLevelLoss`)."""
+    weighted_ce: torch.Tensor
+    """Σ_{i∈B_r} P_i CE_i."""
+    kl: torch.Tensor
+    """KL(p_target ‖ p_proxy)."""
+    l2: torch.Tensor
+    """‖θp‖²."""
+
+
+def inner_gradient(operator, proxy, tokens, scores, normalizer, target_logits, config: BilevelConfig, group,
+                   inputs_labels=None) -> InnerGradient:
+    """∇G with the inner step's weights (``normalizer``: the previous outer step's) through the forward graph that
+    ``operator`` keeps (Jᵀ of ∂G/∂logits, no second forward), or a forward+backward of its own when it keeps none."""
+    inputs, labels = inputs_labels or split_next_token(tokens)[:2]
+    weights, _ = sequence_weights(scores.detach(), normalizer, group)
+    params = list(proxy.parameters())
+    dp = parallel.group_size(group)
+    outputs = operator.outputs()
+    if outputs is not None:
+        leaf = outputs.detach().requires_grad_(True)
+        lm, ce, kl = weighted_lm_objective(leaf, labels, weights, target_logits, config.kl_coef, dp, vocab_group())
+        grads = operator.output_vjp(torch.autograd.grad(lm, leaf)[0])
+        lm = lm.detach()
+    else:
+        out = lower_level_loss(proxy, None, tokens, target_logits, gamma=config.kl_coef, reg=0.0,
+                               normalizer=normalizer, group=group, scores=scores.detach(), tp_group=vocab_group())
+        lm, ce, kl = out.loss.detach(), out.ce, out.kl
+        grads = hvp_mod._grads(out.loss, params)
+    l2 = ref.squared_norm([p.detach() for p in params])
+    if config.l2_coef:
+        for g, p in zip(grads, params):
+            g.add_(p.detach(), alpha=2 * config.l2_coef)
+    grads = parallel.all_reduce_tensors(grads, group, mean=True)
+    return InnerGradient(grads=grads, loss=lm + config.l2_coef * l2, weighted_ce=ref.weighted_sum(weights, ce.detach()),
+                         kl=kl.detach(), l2=l2)
 
 
 def _unpack_val(val_batch):
@@ -228,8 +276,8 @@ def clip_per_tensor(tensors: Sequence[torch.Tensor], max_norm: float = 1.0, norm
 
 def score_hypergradient(score_model, proxy, train_batch, val_batch, target_logits: torch.Tensor | None,
                         config: BilevelConfig, *, group=None, z_init=None, compute_residual: bool | None = None,
-                        engine: hvp_mod.EngineChoice | None = None, step_size: float | None = None
-                        ) -> HypergradResult:
+                        engine: hvp_mod.EngineChoice | None = None, step_size: float | None = None,
+                        inner: bool = False, inner_normalizer: Normalizer | None = None) -> HypergradResult:
     """BLISS's hypergradient of the validation loss w.r.t. the score model's parameters at the current proxy.
 
     Args:
@@ -243,6 +291,9 @@ def score_hypergradient(score_model, proxy, train_batch, val_batch, target_logit
         group: data-parallel group (None: megatron-core's).
         z_init: previous z for ``solver_init='warm'``, or the kept z of ``solver='amortized'``.
         step_size: the amortized solver's kept step (``HypergradResult.solve.step_size`` of the previous step).
+        inner: also return the proxy's inner-step gradient of G on ``train_batch`` (weights from
+            ``inner_normalizer``), taken through the forward graph the curvature operator keeps
+            (``BilevelConfig.share_inner_step``); the caller applies it after the hypergradient.
         compute_residual: measure the solver's true residual (one more product); default ``residual_interval > 0``.
         engine: a pre-resolved :class:`hvp.EngineChoice` (skips resolution and its log line).
 
@@ -269,6 +320,10 @@ def score_hypergradient(score_model, proxy, train_batch, val_batch, target_logit
     objective = lower_level_objective(proxy, tokens, weights, target_logits, config, dp, (inputs, labels))
     operator = hvp_mod.build_operator(objective, choice.engine, config.curvature, fd_eps=config.fd_eps,
                                       group=group if global_solve else None)
+    inner_grad = None
+    if inner:
+        inner_grad = inner_gradient(operator, proxy, tokens, scores, inner_normalizer, target_logits, config, group,
+                                    (inputs, labels))
     loop = choice.mixed_term == "loop"
     # amortized Gauss-Newton: c_i come from the J·v of the solve's first product (the kept z), at no extra pass
     shared = config.solver == "amortized" and operator.observes_jvp and global_solve and not loop
@@ -314,4 +369,4 @@ def score_hypergradient(score_model, proxy, train_batch, val_batch, target_logit
     timings["score_backward"] = time.perf_counter() - t0
     return HypergradResult(grads=grads, z=z, solve=solve, c=c, c_bar=float(c_bar), weights=weights,
                            scores=scores.detach(), ce=ce.detach(), normalizer=normalizer, val_loss=val_ce,
-                           grad_norms=grad_norms, engine=choice, timings=timings)
+                           grad_norms=grad_norms, engine=choice, timings=timings, inner=inner_grad)

@@ -231,3 +231,28 @@ def test_two_tensor_parallel_ranks_equal_one_process(tmp_path, single_process):
         assert tiny.flat(one.grads).norm() > 0
         assert _rel(list(grads.parameters()), one.grads) < 1e-6, name
         assert _rel(list(z.parameters()), one.z) < 1e-6, name
+
+
+@pytest.mark.parametrize("engine,curvature", [("exact", "gauss_newton"), ("finite_difference", "gauss_newton"),
+                                              ("exact", "hessian"), ("finite_difference", "hessian")])
+def test_shared_inner_gradient_equals_its_own_pass(setup, engine, curvature):
+    """share_inner_step: the inner-step gradient taken through the curvature operator's kept forward (or its own
+    pass where the operator keeps none) equals ∇G from lower_level_loss at the same proxy, with a stale normalizer;
+    the hypergradient itself is the one without it."""
+    proxy, score, tokens, val, tl = setup
+    stale = Normalizer(torch.tensor(0.3, dtype=torch.float64), torch.tensor(2.5, dtype=torch.float64))
+    cfg = _exact_config(hvp_engine=engine, curvature=curvature, solver_steps=5, fd_eps=1e-5,
+                        damping=2.0 if curvature == "gauss_newton" else 100.0,  # positive definite either way
+                        mixed_term="jvp" if engine == "exact" else "finite_difference")
+    before = [p.detach().clone() for p in proxy.parameters()]
+    shared = score_hypergradient(score, proxy, tokens, val, tl, cfg, inner=True, inner_normalizer=stale)
+    plain = score_hypergradient(score, proxy, tokens, val, tl, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(before, proxy.parameters()))  # the caller applies the update
+    with torch.no_grad():
+        scores = score(tokens)
+    lower = lower_level_loss(proxy, score, tokens, tl, gamma=GAMMA, reg=REG, normalizer=stale, scores=scores)
+    expected = torch.autograd.grad(lower.loss, list(proxy.parameters()))
+    assert _rel(shared.inner.grads, expected) < 1e-10
+    assert abs(float(shared.inner.loss) - float(lower.loss)) < 1e-10 * abs(float(lower.loss))
+    assert abs(float(shared.inner.weighted_ce) - float(lower.weighted_ce)) < 1e-10
+    assert _rel(shared.grads, plain.grads) < 1e-10 and plain.inner is None and tiny.flat(plain.grads).norm() > 0

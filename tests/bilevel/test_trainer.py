@@ -60,8 +60,9 @@ def _comparable(records):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("solver", [{"solver_init": "warm"},
-                                    {"solver": "amortized", "curvature": "gauss_newton", "solver_steps": 1}],
-                         ids=["sgd warm", "amortized"])
+                                    {"solver": "amortized", "curvature": "gauss_newton", "solver_steps": 1,
+                                     "share_inner_step": True}],
+                         ids=["sgd warm", "amortized, shared inner step"])
 def test_cli_round_resumes_after_kill_with_identical_metrics(tmp_path, solver):
     train, val = realtext.build_prefixes(str(tmp_path))
     config = {"proxy": PROXY, "bilevel": {
@@ -92,6 +93,8 @@ def test_cli_round_resumes_after_kill_with_identical_metrics(tmp_path, solver):
     if solver.get("solver") == "amortized":  # z carried across steps and through the checkpoint
         assert "z_residual_kept" in expected[-1] and expected[-1]["z_products"] == 2  # kept r, residual
         assert expected[-1]["z_step"] > 0 and expected[0]["z_residual_kept"] == 1.0  # z = 0 at the round's start
+        assert expected[-1]["time_inner"] < expected[-1]["time_solve"]  # the inner step ran inside the hypergradient
+        assert expected[0]["lower_loss"] != expected[1]["lower_loss"] and expected[-1]["proxy_grad_norm"] > 0
     assert (full / "score" / "bliss_checkpoint.json").exists() and (full / "config.yaml").exists()
     # a finished round reruns as a no-op
     _cli(path, f"--paths.output_dir={full}")
