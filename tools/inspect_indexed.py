@@ -1,4 +1,5 @@
-"""Describe a Megatron indexed dataset, optionally decoding a few entries.
+"""Describe a Megatron indexed dataset, optionally decoding a few entries; `--sequence N` prints stored sequence N's
+text and the document spans it holds (file:line, token range, url) from the dataset's origins sidecar.
 
 Thin wrapper: the logic is `megatron_bliss.data.commands.inspect_main`; run with `--help` for the options.
 """

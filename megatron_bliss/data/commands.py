@@ -224,17 +224,27 @@ def select_subset_main(argv: list[str] | None = None) -> int:
 
 
 def inspect_main(argv: list[str] | None = None) -> int:
-    """``tools/inspect_indexed.py``: summary of an indexed dataset, optionally with decoded samples."""
+    """``tools/inspect_indexed.py``: summary of an indexed dataset, optionally with decoded samples; with
+    ``--sequence N``, stored sequence N's text and the document spans it holds."""
     from megatron_bliss.data.config import InspectConfig
+    from megatron_bliss.data.origins import read_origins
     from megatron_bliss.data.summary import describe
 
     cfg = parse_config(InspectConfig, argv, "Describe a Megatron indexed dataset (.bin/.idx).")
     setup_logging()
+    if cfg.sequence is not None:
+        return _inspect_sequence(cfg)
     try:
         summary = describe(cfg.prefix, cfg.tokenizer_model, cfg.show, cfg.chars)
+        origins = read_origins(cfg.prefix)
     except (FileNotFoundError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
+    samples = summary.pop("samples", None)
+    summary["origins"] = (f"{origins.records.size} spans of {len(origins.files)} input file(s) "
+                          f"({cfg.prefix}.origins.*)" if origins is not None else "none")
+    if samples is not None:
+        summary["samples"] = samples
     if cfg.json:
         sys.stdout.write(json.dumps(summary, indent=1) + "\n")
     else:
@@ -243,4 +253,35 @@ def inspect_main(argv: list[str] | None = None) -> int:
             sys.stdout.write(f"{key:>22}: {value}\n")
         for i, text in samples:
             sys.stdout.write(f"--- entry {i} ---\n{text}\n")
+    return 0
+
+
+def _inspect_sequence(cfg) -> int:
+    """Prints stored sequence ``cfg.sequence`` of ``cfg.prefix``: its text, then one line per span of its origins."""
+    from megatron_bliss.data.origins import describe_sequence
+
+    try:
+        view = describe_sequence(cfg.prefix, cfg.sequence, cfg.tokenizer_model)
+    except (FileNotFoundError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    if cfg.json:
+        sys.stdout.write(json.dumps(view, indent=1) + "\n")
+        return 0
+    spans = view["spans"]
+    sys.stdout.write(f"{view['prefix']}: sequence {view['sequence']} of {view['sequences']}, "
+                     f"{len(view['tokens'])} tokens\n--- text ---\n")
+    if view["text"] is None:
+        sys.stdout.write(f"(no tokenizer recorded; token ids) {view['tokens']}\n")
+    else:
+        sys.stdout.write(view["text"] + "\n")
+    if spans is None:
+        sys.stdout.write(f"--- sources ---\nnone recorded: {view['prefix']} has no origins sidecar\n")
+        return 0
+    sys.stdout.write(f"--- sources: {len(spans)} span(s) ---\n")
+    for span in spans:
+        end = span["seq_offset"] + span["length"]
+        sys.stdout.write(f"tokens {span['seq_offset']}..{end}: {span['file']}:{span['line']} document tokens "
+                         f"{span['doc_offset']}..{span['doc_offset'] + span['length']}"
+                         + (f" {span['url']}" if span["url"] is not None else "") + "\n")
     return 0

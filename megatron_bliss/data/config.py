@@ -231,5 +231,9 @@ class InspectConfig:
     chars: int = 300
     """Characters shown per decoded entry."""
 
+    sequence: int | None = None
+    """Show stored sequence N instead of the summary: its text (decoded with the tokenizer the dataset's manifest
+    names, or ``--tokenizer-model``) and its sources, one line per document span (from the origins sidecar)."""
+
     json: bool = False
     """Print the summary as one JSON object."""

@@ -42,8 +42,12 @@ DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, n
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 _CHUNK = 1 << 20  # entries per chunk when writing the index: 12 MiB of lengths+pointers at a time
 _HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8
-# Files the data tools write beside an output prefix (``PREFIX_shard{K}.bin/.idx`` are matched separately).
-OUTPUT_SUFFIXES = (".bin", ".idx", ".manifest.json", ".targets.npy", ".indices.npy", ".scores.npy", ".subset.json")
+#: The per-sequence origins sidecar of a ``sequences``-mode dataset (:mod:`megatron_bliss.data.origins`).
+ORIGINS_SUFFIXES = (".origins.npy", ".origins.urls", ".origins.json")
+# Files the data tools write beside an output prefix (``PREFIX_shard{K}.*`` are matched separately).
+OUTPUT_SUFFIXES = (".bin", ".idx", ".manifest.json", ".targets.npy", ".indices.npy", ".scores.npy", ".subset.json",
+                   *ORIGINS_SUFFIXES)
+_SHARD_SUFFIXES = ("bin", "idx", *(s[1:] for s in ORIGINS_SUFFIXES))
 logger = logging.getLogger(__name__)
 
 
@@ -153,10 +157,11 @@ def check_output_prefix(prefix: str, flag: str = "--output-prefix") -> None:
 
 def output_files(prefix: str) -> list[str]:
     """The files an output of the data tools left at ``prefix``: ``PREFIX`` + each of :data:`OUTPUT_SUFFIXES` and
-    ``PREFIX_shard{K}.bin/.idx`` (temporary files and a ``PREFIX.parts`` directory are not an output)."""
+    ``PREFIX_shard{K}.bin/.idx`` with their origins sidecars (temporary files and a ``PREFIX.parts`` directory are not
+    an output)."""
     found = [prefix + s for s in OUTPUT_SUFFIXES if os.path.isfile(prefix + s)]
     folder, base = os.path.split(os.path.abspath(prefix))
-    shard = re.compile(re.escape(base) + r"_shard\d+\.(bin|idx)")
+    shard = re.compile(re.escape(base) + r"_shard\d+\.(" + "|".join(re.escape(s) for s in _SHARD_SUFFIXES) + ")")
     with contextlib.suppress(OSError):
         found += sorted(prefix + name[len(base):] for name in os.listdir(folder) if shard.fullmatch(name))
     return found
@@ -165,16 +170,17 @@ def output_files(prefix: str) -> list[str]:
 class StagedOutput:
     """All files of one output, written under temporary names and renamed into place together.
 
-    :meth:`writer` and :meth:`write` stage files (``PATH.tmp``); :meth:`commit` renames them in the order they were
-    staged, the last one (the record: a manifest or ``subset.json``) last, after withdrawing the old record so that an
-    interrupted commit never leaves a record describing other files; then it removes the ``stale`` files of the
-    output it replaces. :meth:`abort` removes every temporary file without raising. Until :meth:`commit`, nothing of
-    an older output at the same prefix is touched.
+    :meth:`writer`, :meth:`write` and :meth:`open` stage files (``PATH.tmp``); :meth:`commit` renames them in the order
+    they were staged, the last one (the record: a manifest or ``subset.json``) last, after withdrawing the old record
+    so that an interrupted commit never leaves a record describing other files; then it removes the ``stale`` files
+    of the output it replaces. :meth:`abort` removes every temporary file without raising. Until :meth:`commit`,
+    nothing of an older output at the same prefix is touched.
     """
 
     def __init__(self) -> None:
         self._writers: list[IndexedWriter] = []
         self._files: list[tuple[str, str]] = []
+        self._open: dict[str, object] = {}  # tmp path -> the file handed out by open()
 
     def writer(self, prefix: str, dtype: type) -> IndexedWriter:
         """A staged :class:`IndexedWriter` (its :meth:`~IndexedWriter.finalize` is called with ``commit=False``)."""
@@ -189,6 +195,17 @@ class StagedOutput:
         with writing(path), _created(tmp, mode) as f:
             save(f)
 
+    def open(self, path: str, mode: str = "wb"):
+        """Stages ``path`` written by the caller: returns ``PATH.tmp`` opened with ``mode``, to stream into (seeking
+        allowed). The caller may close it; :meth:`commit` closes it if still open, :meth:`abort` closes and removes
+        it."""
+        tmp = path + ".tmp"
+        with writing(path):
+            f = open(tmp, mode)
+        self._files.append((tmp, path))
+        self._open[tmp] = f
+        return f
+
     def commit(self, stale: Iterable[str] = ()) -> None:
         """Renames every staged file into place (record last), then removes the ``stale`` files not rewritten."""
         finals = [p for w in self._writers for p in data_paths(w.prefix)] + [final for _, final in self._files]
@@ -198,6 +215,9 @@ class StagedOutput:
             for writer in self._writers:
                 writer.commit()
             for tmp, final in self._files:
+                if tmp in self._open:
+                    with writing(final):
+                        self._open.pop(tmp).close()
                 replace_atomic(tmp, final)
         except BaseException:
             self.abort()
@@ -211,6 +231,10 @@ class StagedOutput:
         """Removes every temporary file of this output, never raising (call on error)."""
         for writer in self._writers:
             writer.abort()
+        for f in self._open.values():
+            with contextlib.suppress(OSError):  # a full disk fails the final flush too
+                f.close()
+        self._open.clear()
         remove_quietly(tmp for tmp, _ in self._files)
 
 

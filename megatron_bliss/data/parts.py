@@ -1,13 +1,14 @@
 """Per-input tokenized parts: the resumable first stage of preprocessing.
 
 This module owns turning one input file into one *part* under ``PREFIX.parts/``: ``NAME.bin`` (the documents'
-tokens, EOD included, back to back), ``NAME.len`` (``int32`` length of each document) and ``NAME.json`` (what was
-read, skipped, and from which file version). The ``.json`` is renamed into place last, so a part with a ``.json``
-is complete; a rerun skips every input whose part is complete and matches the file's size and mtime and the run's
-settings. Before any tokenizing, every input's first JSON objects are checked for the text field (a wrong
-``--json-key`` fails at once, naming the file). Tokenization runs in a pool of worker processes fed with blobs of
-whole lines; results are consumed in input order, with a bounded number of tasks in flight, so output bytes never
-depend on the number of workers.
+tokens, EOD included, back to back), ``NAME.len`` (``int32`` length of each document), ``NAME.docs`` (each
+document's line, or row, and url: :data:`~megatron_bliss.data.origins.DOC_DTYPE` records), ``NAME.urls`` (the urls'
+bytes) and ``NAME.json`` (what was read, skipped, and from which file version). The ``.json`` is renamed into place
+last, so a part with a ``.json`` is complete; a rerun skips every input whose part is complete and matches the
+file's size and mtime and the run's settings. Before any tokenizing, every input's first JSON objects are checked
+for the text field (a wrong ``--json-key`` fails at once, naming the file). Tokenization runs in a pool of worker
+processes fed with blobs of whole lines; results are consumed in input order, with a bounded number of tasks in
+flight, so output bytes never depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_bliss.data.indexed import file_sha256, remove_quietly, replace_atomic, writing
+from megatron_bliss.data.origins import DOC_DTYPE, document_records
 from megatron_bliss.data.sources import (
     DataFormatError,
     ReadStatus,
     check_json_key,
     iter_parquet_rows,
+    loads_json,
     new_skip_counts,
     parse_lines,
     read_line_chunks,
@@ -36,6 +39,11 @@ from megatron_bliss.data.sources import (
 
 logger = logging.getLogger(__name__)
 _WORKER: dict = {}  # per-process state of a tokenizing worker
+#: Version of the part files (a part of another version is redone); 2 added ``.docs`` and ``.urls``.
+PART_FORMAT = 2
+PART_SUFFIXES = (".bin", ".len", ".docs", ".urls")
+#: The JSON field holding a document's url (C4's), recorded in the origins where an input has it.
+URL_KEY = "url"
 
 
 def part_name(path: str) -> str:
@@ -74,7 +82,8 @@ class Part:
 
 
 class PartWriter:
-    """Streams one part's tokens and lengths to temporary files; :meth:`finish` renames them, its record last."""
+    """Streams one part's tokens, lengths and document records to temporary files; :meth:`finish` renames them, its
+    record last."""
 
     def __init__(self, parts_dir: str, input_path: str, settings: dict, dtype: np.dtype) -> None:
         os.makedirs(parts_dir, exist_ok=True)
@@ -82,15 +91,30 @@ class PartWriter:
         stat = os.stat(input_path)
         self.part = Part(input_path, stat.st_size, stat.st_mtime_ns, settings=settings)
         self.dtype = dtype
-        self._bin = open(self.base + ".bin.tmp", "wb")
-        self._len = open(self.base + ".len.tmp", "wb")
+        self._files = []
+        try:
+            for suffix in PART_SUFFIXES:
+                with writing(self.base + suffix):
+                    self._files.append(open(self.base + suffix + ".tmp", "wb"))
+        except BaseException:
+            self.abort()
+            raise
+        self._bin, self._len, self._docs, self._urls = self._files
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray, skipped: dict, lines: int) -> None:
-        """Appends a batch of documents and the counts of the lines they came from."""
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, skipped: dict, lines: int, docs: np.ndarray,
+            urls: bytes = b"") -> None:
+        """Appends a batch of documents (their tokens, lengths, :data:`~megatron_bliss.data.origins.DOC_DTYPE`
+        records and url bytes) and the counts of the lines they came from."""
+        if docs.size != lengths.size:
+            raise ValueError(f"{docs.size} document records for {lengths.size} documents")
         with writing(self.base + ".bin"):
             self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
         with writing(self.base + ".len"):
             self._len.write(np.ascontiguousarray(lengths, dtype=np.int32).data)
+        with writing(self.base + ".docs"):
+            self._docs.write(np.ascontiguousarray(docs, dtype=DOC_DTYPE).data)
+        with writing(self.base + ".urls"):
+            self._urls.write(urls)
         self.part.documents += lengths.size
         self.part.tokens += tokens.size
         self.part.lines += lines
@@ -100,11 +124,11 @@ class PartWriter:
     def finish(self, sha256: str, truncated: dict | None) -> Part:
         """Renames the part into place (data first, record last) and returns its record."""
         self.part.sha256, self.part.truncated = sha256, truncated
-        for f, suffix in ((self._bin, ".bin"), (self._len, ".len")):
+        for f, suffix in zip(self._files, PART_SUFFIXES):
             with writing(self.base + suffix):
                 f.close()
-        replace_atomic(self.base + ".bin.tmp", self.base + ".bin")
-        replace_atomic(self.base + ".len.tmp", self.base + ".len")
+        for suffix in PART_SUFFIXES:
+            replace_atomic(self.base + suffix + ".tmp", self.base + suffix)
         with writing(self.base + ".json"):
             with open(self.base + ".json.tmp", "w") as f:
                 json.dump(self.part.__dict__, f, indent=1)
@@ -114,18 +138,18 @@ class PartWriter:
     def abort(self) -> None:
         """Closes and removes the temporary files, never raising (it runs while another error propagates; on a
         full disk, closing flushes and fails again)."""
-        for f in (self._bin, self._len):
+        for f in self._files:
             try:
                 f.close()
             except OSError:
                 pass
-        remove_quietly([self.base + suffix for suffix in (".bin.tmp", ".len.tmp", ".json.tmp")])
+        remove_quietly([self.base + suffix + ".tmp" for suffix in (*PART_SUFFIXES, ".json")])
 
 
 def load_part(parts_dir: str, input_path: str, settings: dict) -> Part | None:
     """The finished part of ``input_path`` if it exists and still matches the file and the settings, else None."""
     base = os.path.join(parts_dir, part_name(input_path))
-    if not all(os.path.exists(base + s) for s in (".json", ".bin", ".len")):
+    if not all(os.path.exists(base + s) for s in (".json", *PART_SUFFIXES)):
         return None
     with open(base + ".json") as f:
         part = Part(**json.load(f))
@@ -143,16 +167,56 @@ def encode_texts(tokenizer, texts: list[str], append_eod: bool, dtype: np.dtype)
     Returns:
         ``(tokens, lengths)``.
     """
-    arrays = [a for a in tokenizer.tokenize_batch(texts) if a.size]
+    tokens, lengths, _ = _encode(tokenizer, texts, append_eod, dtype)
+    return tokens, lengths
+
+
+def _encode(tokenizer, texts: list[str], append_eod: bool, dtype: np.dtype
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`encode_texts` plus the mask of the texts kept (those that tokenize to something)."""
+    arrays = tokenizer.tokenize_batch(texts) if texts else []
+    kept = np.fromiter((a.size > 0 for a in arrays), bool, len(arrays))
+    arrays = [a for a in arrays if a.size]
     if not arrays:
-        return np.zeros(0, dtype), np.zeros(0, np.int32)
+        return np.zeros(0, dtype), np.zeros(0, np.int32), kept
     if append_eod:
         eod = np.array([tokenizer.eod], dtype=np.int32)
         arrays = [x for a in arrays for x in (a, eod)]
         lengths = np.fromiter((a.size for a in arrays[::2]), np.int32, len(arrays) // 2) + 1
     else:
         lengths = np.fromiter((a.size for a in arrays), np.int32, len(arrays))
-    return np.concatenate(arrays).astype(dtype, copy=False), lengths
+    return np.concatenate(arrays).astype(dtype, copy=False), lengths, kept
+
+
+def document_origins(blob: bytes, first_line: int, key: str, fragment: bool, texts: list[str]
+                     ) -> tuple[list[int], list[str | None]]:
+    """The line number and url of each of ``texts``, the good documents :func:`parse_lines` found in ``blob``.
+
+    The lines are matched in order: the next line that is a JSON object whose ``key`` holds the next text is its
+    line (a bad line never holds a good text). The url is the object's ``url`` string, if it has one.
+
+    Raises:
+        RuntimeError: a text that matches no line (parse_lines and this disagree).
+    """
+    lines: list[int] = []
+    urls: list[str | None] = []
+    if not texts:
+        return lines, urls
+    raws = [blob] if fragment else blob.split(b"\n")
+    for offset, raw in enumerate(raws):
+        if len(lines) == len(texts):
+            break
+        try:
+            record = loads_json(raw.decode("utf-8"))
+        except ValueError:  # not UTF-8 or not JSON: a bad line
+            continue
+        if isinstance(record, dict) and record.get(key) == texts[len(lines)]:
+            url = record.get(URL_KEY)
+            lines.append(first_line + offset)
+            urls.append(url if isinstance(url, str) else None)
+    if len(lines) != len(texts):
+        raise RuntimeError(f"line {first_line}+: {len(texts)} documents parsed but {len(lines)} matched to lines")
+    return lines, urls
 
 
 def _start_method() -> str:
@@ -171,12 +235,15 @@ def _init_worker(tokenizer_path: str, eod_token: str | None, key: str, strict: b
 
 
 def _tokenize_task(task: tuple[int, bytes, bool]) -> tuple:
-    """Worker body: parse a blob of lines, tokenize the good documents. Pure function of its input."""
+    """Worker body: parse a blob of lines, tokenize the good documents, record their lines and urls. Pure function of
+    its input."""
     first_line, blob, fragment = task
     parsed = parse_lines(blob, first_line, _WORKER["key"], _WORKER["strict"], fragment)
-    tokens, lengths = encode_texts(_WORKER["tokenizer"], parsed.texts, _WORKER["append_eod"], _WORKER["dtype"])
+    tokens, lengths, kept = _encode(_WORKER["tokenizer"], parsed.texts, _WORKER["append_eod"], _WORKER["dtype"])
     parsed.skipped["empty_text"] += len(parsed.texts) - lengths.size
-    return tokens, lengths, parsed.skipped, parsed.first_bad, parsed.lines
+    lines, urls = document_origins(blob, first_line, _WORKER["key"], fragment, parsed.texts)
+    docs, url_bytes = document_records((n for n, k in zip(lines, kept) if k), [u for u, k in zip(urls, kept) if k])
+    return tokens, lengths, parsed.skipped, parsed.first_bad, parsed.lines, docs, url_bytes
 
 
 def tokenize_json_files(files: list[str], parts_dir: str, settings: dict, cfg, dtype: np.dtype,
@@ -225,10 +292,10 @@ def tokenize_json_files(files: list[str], parts_dir: str, settings: dict, cfg, d
                                        files[index], status.break_line, status.detail)
                     done.append(writers.pop(index).finish(status.sha256, truncated))
                     continue
-                tokens, lengths, skipped, first_bad, lines = payload.get()
+                tokens, lengths, skipped, first_bad, lines, docs, urls = payload.get()
                 if first_bad is not None and cfg.strict:
                     raise DataFormatError(files[index], *first_bad)
-                writers[index].add(tokens, lengths, skipped, lines)
+                writers[index].add(tokens, lengths, skipped, lines, docs, urls)
                 if progress is not None:
                     progress.docs += lengths.size
                     progress.update(raw)
@@ -293,7 +360,9 @@ def import_parquet_file(path: str, parts_dir: str, settings: dict, cfg, dtype: n
             empty = lengths == 0
             skipped = new_skip_counts()
             skipped["empty_text"] = int(empty.sum())
-            writer.add(tokens, lengths[~empty], skipped, lengths.size)
+            docs = np.zeros(int((~empty).sum()), DOC_DTYPE)
+            docs["line"], docs["url_length"] = first_row + np.flatnonzero(~empty), -1  # the row index; no url
+            writer.add(tokens, lengths[~empty], skipped, lengths.size, docs)
             if progress is not None:
                 progress.docs += int((~empty).sum())
     except BaseException:

@@ -9,8 +9,10 @@ This module owns the two stages and the manifest:
    ``g % shards``; the trailing remainder shorter than a sequence is dropped and counted. In ``documents``
    mode document ``d`` goes to shard ``d % shards``, one entry per document, as megatron-core's ``GPTDataset`` wants.
 
-Outputs are ``PREFIX.bin/.idx`` for one shard, else ``PREFIX_shard{K}.bin/.idx``, then ``PREFIX.manifest.json``,
-all written under temporary names and renamed in together when complete (the manifest last). A rerun with the same
+Outputs are ``PREFIX.bin/.idx`` for one shard, else ``PREFIX_shard{K}.bin/.idx``; in ``sequences`` mode each shard's
+origins sidecar (``.origins.npy/.urls/.json``: the document spans of every stored sequence,
+:mod:`megatron_bliss.data.origins`); then ``PREFIX.manifest.json``, which lists them all. Everything is written under
+temporary names and renamed in together when complete (the manifest last). A rerun with the same
 settings finds the manifest and does nothing; after a kill it reuses every finished part. An existing output with
 another fingerprint (or output files without a manifest) is refused unless ``overwrite`` is set; then the old files
 stay until the new output is complete, and its stale ones (extra shards, a ``.targets.npy``) are removed after. Inputs
@@ -36,12 +38,21 @@ from megatron_bliss.data.indexed import (
     exists,
     output_files,
 )
-from megatron_bliss.data.parts import Part, import_parquet_file, load_part, part_name, tokenize_json_files
+from megatron_bliss.data.origins import DOC_DTYPE, SequenceSidecars
+from megatron_bliss.data.parts import (
+    PART_FORMAT,
+    Part,
+    import_parquet_file,
+    load_part,
+    part_name,
+    tokenize_json_files,
+)
 from megatron_bliss.data.sources import expand_inputs, input_kind, new_skip_counts
 
 logger = logging.getLogger(__name__)
 MANIFEST_FORMAT = "megatron_bliss.indexed/1"
 _BLOCK = 1 << 13  # sequences (or documents) moved per step when writing shards: 16 MiB at L=1024, uint16
+_DOC_BLOCK = 1 << 16  # documents fed per step to the origins
 
 
 def shard_prefixes(output_prefix: str, shards: int) -> list[str]:
@@ -84,8 +95,9 @@ class _Progress:
 
 def _settings(cfg: DataConfig, tokenizer_sha: str | None, dtype: np.dtype, parquet: bool) -> dict:
     """What a part depends on (a part made with other settings is redone)."""
-    return {"tokenizer_sha256": tokenizer_sha, "json_key": cfg.json_key, "append_eod": cfg.append_eod,
-            "dtype": dtype.name, "eod_token": cfg.eod_token, "parquet_column": cfg.parquet_column,
+    return {"part_format": PART_FORMAT, "tokenizer_sha256": tokenizer_sha, "json_key": cfg.json_key,
+            "append_eod": cfg.append_eod, "dtype": dtype.name, "eod_token": cfg.eod_token,
+            "parquet_column": cfg.parquet_column,
             "mode": cfg.mode if parquet else None,
             "tokens_per_sequence": cfg.tokens_per_sequence if parquet else None}
 
@@ -93,6 +105,22 @@ def _settings(cfg: DataConfig, tokenizer_sha: str | None, dtype: np.dtype, parqu
 def _part_paths(parts_dir: str, part: Part) -> tuple[str, str]:
     base = os.path.join(parts_dir, part_name(part.input))
     return base + ".bin", base + ".len"
+
+
+def _feed_origins(sidecars: SequenceSidecars, file: int, part: Part, parts_dir: str) -> None:
+    """Feeds a part's documents (lengths, lines, urls) to the origins, in blocks of :data:`_DOC_BLOCK`."""
+    if not part.documents:
+        return
+    base = os.path.join(parts_dir, part_name(part.input))
+    lengths = np.memmap(base + ".len", np.int32, "r")
+    docs = np.memmap(base + ".docs", DOC_DTYPE, "r")
+    urls = np.memmap(base + ".urls", np.uint8, "r") if os.path.getsize(base + ".urls") else np.zeros(0, np.uint8)
+    url_start = 0
+    for start in range(0, part.documents, _DOC_BLOCK):
+        block = np.array(docs[start:start + _DOC_BLOCK])
+        url_end = url_start + int(np.maximum(block["url_length"], 0).sum())
+        sidecars.add(file, np.asarray(lengths[start:start + _DOC_BLOCK]), block, urls[url_start:url_end])
+        url_start = url_end
 
 
 def write_shards(parts: list[Part], parts_dir: str, cfg: DataConfig, dtype: np.dtype,
@@ -108,15 +136,20 @@ def write_shards(parts: list[Part], parts_dir: str, cfg: DataConfig, dtype: np.d
             place when complete.
 
     Returns:
-        ``{"shards": [{"prefix", "sequences", "tokens"}...], "dropped_tail_tokens": n}``.
+        ``{"shards": [{"prefix", "sequences", "tokens"[, "origins"]}...], "dropped_tail_tokens": n}``; in
+        ``sequences`` mode each shard's ``origins`` lists its sidecar's files (name, bytes, sha256).
     """
     prefixes = shard_prefixes(cfg.output_prefix, cfg.shards)
     own = staged is None
     staged = StagedOutput() if own else staged
-    writers = [staged.writer(p, dtype) for p in prefixes]
     n, length, carry, index = cfg.shards, cfg.tokens_per_sequence, np.zeros(0, dtype), 0
     try:
-        for part in parts:
+        writers = [staged.writer(p, dtype) for p in prefixes]
+        sidecars = None
+        if cfg.mode == "sequences":
+            sidecars = SequenceSidecars(prefixes, [p.input for p in parts], length,
+                                        sum(p.tokens for p in parts) // length, staged)
+        for file, part in enumerate(parts):
             bin_path, len_path = _part_paths(parts_dir, part)
             tokens = np.memmap(bin_path, dtype, "r") if part.tokens else np.zeros(0, dtype)
             if cfg.mode == "sequences":
@@ -128,6 +161,7 @@ def write_shards(parts: list[Part], parts_dir: str, cfg: DataConfig, dtype: np.d
                         if (sel := rows[(k - index) % n::n]).shape[0]:
                             writers[k].add_fixed(sel)
                     index += m
+                _feed_origins(sidecars, file, part, parts_dir)
             else:
                 lengths = np.fromfile(len_path, np.int32)
                 offset = 0
@@ -148,6 +182,9 @@ def write_shards(parts: list[Part], parts_dir: str, cfg: DataConfig, dtype: np.d
         for prefix, writer in zip(prefixes, writers):
             sequences, tokens_written = writer.finalize(commit=False)
             shards.append({"prefix": os.path.basename(prefix), "sequences": sequences, "tokens": tokens_written})
+        if sidecars is not None:
+            for shard, record in zip(shards, sidecars.finalize()):
+                shard["origins"] = record
         if own:
             staged.commit()
     except BaseException:
@@ -198,10 +235,11 @@ def preprocess(cfg: DataConfig) -> dict:
     old_files = output_files(cfg.output_prefix)
     if old_files:
         old = _read_manifest(cfg.output_prefix)
-        if old is not None and old.get("fingerprint") == fingerprint and all(exists(p) for p in prefixes):
+        missing = _missing(cfg, old, prefixes) if old is not None else []
+        if old is not None and old.get("fingerprint") == fingerprint and not missing:
             logger.info("%s: already complete with these settings; nothing to do", manifest_path(cfg.output_prefix))
             return old
-        difference = _difference(cfg.output_prefix, old, fingerprint, old_files)
+        difference = _difference(cfg.output_prefix, old, fingerprint, old_files, missing)
         if not cfg.overwrite:
             raise FileExistsError(f"{cfg.output_prefix}: an output exists there ({difference}); pass --overwrite "
                                   "(overwrite=True) to replace it, or choose another --output-prefix")
@@ -255,7 +293,27 @@ def _read_manifest(output_prefix: str) -> dict | None:
         return None
 
 
-def _difference(output_prefix: str, old: dict | None, fingerprint: dict, old_files: list[str]) -> str:
+def _missing(cfg: DataConfig, manifest: dict, prefixes: list[str]) -> list[str]:
+    """The files of the output ``manifest`` describes that are not there as it lists them (shards; in ``sequences``
+    mode their origins sidecars, by size)."""
+    missing = [os.path.basename(p) + ".bin/.idx" for p in prefixes if not exists(p)]
+    if cfg.mode != "sequences":
+        return missing
+    folder = os.path.dirname(cfg.output_prefix)
+    for shard in manifest.get("shards", []):
+        record = shard.get("origins") if isinstance(shard, dict) else None
+        if not isinstance(record, dict):
+            missing.append(f"{shard.get('prefix') if isinstance(shard, dict) else shard}.origins.* (not made)")
+            continue
+        for f in record.get("files", []):
+            path = os.path.join(folder, f["file"])
+            if not os.path.isfile(path) or os.path.getsize(path) != f["bytes"]:
+                missing.append(f["file"])
+    return missing
+
+
+def _difference(output_prefix: str, old: dict | None, fingerprint: dict, old_files: list[str],
+                missing: list[str]) -> str:
     """What differs between the output at ``output_prefix`` and the one asked for, in a few words."""
     if old is None:
         names = ", ".join(os.path.basename(p) for p in old_files[:4]) + (", ..." if len(old_files) > 4 else "")
@@ -273,7 +331,10 @@ def _difference(output_prefix: str, old: dict | None, fingerprint: dict, old_fil
         what.append("the inputs (paths, sizes or modification times)")
     if theirs.get("tokenizer_sha256") != fingerprint["tokenizer_sha256"]:
         what.append("the tokenizer")
-    return "other " + "; ".join(what) if what else "shard files are missing"
+    if what:
+        return "other " + "; ".join(what)
+    shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+    return f"files missing or changed: {shown}" if missing else "shard files are missing"
 
 
 def _check_enough(cfg: DataConfig, parts: list[Part], files: list[str]) -> None:

@@ -2,10 +2,11 @@
 
 This module owns turning per-sequence scores into a selection and the selection into ``OUT.bin/.idx`` plus
 sidecars: ``OUT.indices.npy`` (``int64`` source indices, ascending), ``OUT.scores.npy`` (``float32`` scores of the
-kept sequences, same order) and ``OUT.subset.json`` (method, k, threshold, seed, the source's checksums). Kept
-sequences stay in their original order. Top-k is exact with ties broken toward the lower index; it streams the
-scores in chunks with an ``np.argpartition``-style cut, so memory is O(k + chunk) and never a full sort. Everything
-is written under temporary names and renamed in together when complete (``OUT.subset.json`` last).
+kept sequences, same order) and ``OUT.subset.json`` (method, k, threshold, seed, the source's checksums); when the
+source has an origins sidecar (:mod:`megatron_bliss.data.origins`), ``OUT.origins.*`` with the spans of the kept
+sequences. Kept sequences stay in their original order. Top-k is exact with ties broken toward the lower index; it
+streams the scores in chunks with an ``np.argpartition``-style cut, so memory is O(k + chunk) and never a full sort.
+Everything is written under temporary names and renamed in together when complete (``OUT.subset.json`` last).
 
 What the array means is the caller's to say (``kind``, the tool's ``--scores`` or ``--indices``): scores are a numeric
 1-D array of one value per source sequence (integers are scores too), indices a 1-D integer array of distinct
@@ -32,6 +33,7 @@ from megatron_bliss.data.indexed import (
     file_sha256,
     output_files,
 )
+from megatron_bliss.data.origins import origins_files, read_origins, stage_subset_origins
 
 logger = logging.getLogger(__name__)
 _CHUNK = 1 << 20  # scores (or sequences) handled per step
@@ -179,7 +181,7 @@ def _check_not_source(src_prefix: str, out_prefix: str, old_files: list[str]) ->
 
 
 def _same_subset(out_prefix: str, record: dict, indices: np.ndarray, scores: np.ndarray | None,
-                 old_files: list[str]) -> str | None:
+                 old_files: list[str], with_origins: bool) -> str | None:
     """None when the subset at ``out_prefix`` is the one ``record`` describes (source checksums aside), else what
     differs."""
     try:
@@ -202,6 +204,8 @@ def _same_subset(out_prefix: str, record: dict, indices: np.ndarray, scores: np.
         same = False
     if not same or not all(os.path.exists(p) for p in data_paths(out_prefix)):
         return "other indices or scores"
+    if with_origins != bool(origins_files(out_prefix)):
+        return "no origins sidecar (the source has one)" if with_origins else "an origins sidecar (the source has none)"
     return None
 
 
@@ -228,6 +232,9 @@ def write_subset(src_prefix: str, scores_or_indices, out_prefix: str, *, kind: s
         overwrite: replace an existing output at ``out_prefix`` that differs from this subset (an identical one is
             left as it is and its record returned). The old files stay until the new subset is complete.
 
+    When the source has an origins sidecar, the subset gets one too (``OUT.origins.*``: the spans of the kept
+    sequences, staged with the rest); a replaced subset's sidecar is removed when the new source has none.
+
     Returns:
         The sidecar record written to ``OUT.subset.json``.
 
@@ -241,6 +248,9 @@ def write_subset(src_prefix: str, scores_or_indices, out_prefix: str, *, kind: s
     check_output_prefix(out_prefix)
     source = IndexedReader.open(src_prefix)
     n = len(source)
+    origins = read_origins(src_prefix)
+    if origins is not None and len(origins) != n:
+        raise ValueError(f"{src_prefix}.origins.json: records {len(origins)} sequences, but {src_prefix} holds {n}")
     old_files = output_files(out_prefix)
     _check_not_source(src_prefix, out_prefix, old_files)
     if scores_or_indices is None:
@@ -268,8 +278,10 @@ def write_subset(src_prefix: str, scores_or_indices, out_prefix: str, *, kind: s
         "threshold": threshold, "seed": seed if method == "random" else None,
         "indices_file": os.path.basename(out_prefix) + ".indices.npy",
         "scores_file": os.path.basename(out_prefix) + ".scores.npy" if scores is not None else None,
+        "origins_file": os.path.basename(out_prefix) + ".origins.json" if origins is not None else None,
     }
-    difference = _same_subset(out_prefix, record, indices, scores, old_files) if old_files else None
+    difference = (_same_subset(out_prefix, record, indices, scores, old_files, origins is not None)
+                  if old_files else None)
     if difference is not None and not overwrite:
         raise FileExistsError(f"{out_prefix}: an output exists there ({difference}); pass --overwrite "
                               "(overwrite=True) to replace it, or choose another --output-prefix")
@@ -295,6 +307,8 @@ def write_subset(src_prefix: str, scores_or_indices, out_prefix: str, *, kind: s
         staged.write(out_prefix + ".indices.npy", lambda f: np.save(f, indices))
         if scores is not None:
             staged.write(out_prefix + ".scores.npy", lambda f: np.save(f, scores))
+        if origins is not None:
+            stage_subset_origins(origins, indices, out_prefix, staged)
         staged.write(out_prefix + ".subset.json", lambda f: json.dump(record, f, indent=1), "w")
         staged.commit(stale=old_files)
     except BaseException:
