@@ -93,6 +93,8 @@ setup(
         "psutil>=5.9",  # megatron-core's torch_dist checkpoint writer needs it but does not declare it
         "einops>=0.7",
         "pyarrow>=14",
+        "data-selection>=1.0.3,<2",  # DSIR (HashedNgramDSIR), a selection method of the pipeline
+        "scipy>=1.10",  # rank correlations of the selection audit
     ],
     extras_require={
         "test": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff==0.17.5"],

@@ -19,9 +19,14 @@ Selectors, each keeping the top 20 % of the pool:
 - ``bliss-amortized``: the same round with the amortized solver (z kept across outer steps, one curvature product on
   each step's batch, Gauss-Newton, μ = 0.1);
 - ``bliss-sgd``: the same round with the method's z-solve (3 SGD steps from z = 1/numel, Hessian, μ = 0.01);
+- ``dsir``: DSIR, hashed word n-gram importance weights toward the validation text (the ``data-selection``
+  package; cheap baseline);
 - ``cosine``: cosine between a sequence's mean-pooled hidden state under the warm-up proxy and the validation
   centroid (cheap baseline);
-- ``grad-align``: one-step gradient alignment <∇CE_i, ∇f> at the warm-up proxy (cheap baseline);
+- ``gradsim``: one-step gradient similarity <∇CE_i, ∇f> at the warm-up proxy (cheap baseline);
+
+``dsir``, ``cosine`` and ``gradsim`` are the pipeline's own methods (``megatron_bliss.selection.scorers``, the same
+code as ``--run.method=dsir|cosine|gradsim``), called on the in-memory pool;
 - ``influence``: c_i = <∇CE_i, (GN + μI)⁻¹ ∇f> at the warm-up proxy with a converged solve on one batch of
   curvature: what BLISS's score model is trained to rank by, without a score model (a diagnostic);
 - ``untrained``: the score model every BLISS round starts from (warm-up body, fresh head), untrained (control);
@@ -65,8 +70,8 @@ CONVERGING_SOLVE = dict(solver="cg", curvature="gauss_newton", solver_init="zero
 METHOD_SOLVE = dict(solver="sgd", curvature="hessian", solver_steps=3)  # the method's: BilevelConfig defaults
 # z and its step length kept across outer steps, one curvature product per step on that step's batch
 AMORTIZED_SOLVE = dict(solver="amortized", curvature="gauss_newton", damping=0.1, solver_steps=1, cg_tol=1e-2)
-TABLE_ORDER = ("random", "random-2", "bliss-cg", "bliss-amortized", "bliss-sgd", "cosine", "grad-align", "influence",
-               "untrained", "flipped", "clean+random")
+TABLE_ORDER = ("random", "random-2", "bliss-cg", "bliss-amortized", "bliss-sgd", "dsir", "cosine", "gradsim",
+               "influence", "untrained", "flipped", "clean+random")
 
 BOOKS = ("Genesis", "Exodus", "Psalms", "Proverbs", "Isaiah", "Matthew", "Mark", "Luke", "John", "Romans", "Acts")
 BOILERPLATE = (
@@ -296,7 +301,7 @@ def run_bliss(proxy_cfg, warm_proxy, pool, select_half, args, out_dir: str, sign
                              select_half[:2])
     trainer.proxy.load_state_dict(warm_proxy.state_dict())  # the warm-up proxy in memory, not from a checkpoint
     trainer.start_round()  # score body from the (warm) proxy, fresh head
-    untrained = score_sequences(trainer.score, pool, 256, bf16=False)
+    untrained = score_sequences(trainer.score.logit, pool, 256, bf16=False)
     t0, residuals = time.perf_counter(), []
     with hypergradient_sign(sign):
         while trainer.step < b.outer_steps:  # the trainer's loop without checkpoints or metrics files
@@ -305,49 +310,46 @@ def run_bliss(proxy_cfg, warm_proxy, pool, select_half, args, out_dir: str, sign
             if metrics.get("z_residual") is not None:
                 residuals.append(metrics["z_residual"])
     info = {"seconds": time.perf_counter() - t0, "z_residual": float(np.median(residuals)) if residuals else None}
-    return score_sequences(trainer.score, pool, 256, bf16=False), untrained, info
+    return score_sequences(trainer.score.logit, pool, 256, bf16=False), untrained, info
 
 
-def cheap_scores(proxy, proxy_cfg, pool, select_half, args) -> tuple:
-    """Cosine to the validation centroid (pooled hidden states), gradient alignment, converged-solve influence;
-    returns ``(scores by name, relative residual of the influence solve)``."""
+def cheap_scores(proxy, tokenizer, pool, select_half, args) -> tuple:
+    """The pipeline's baselines (``megatron_bliss.selection.scorers``: cosine to the validation centroid, one-step
+    gradient similarity, DSIR) and the converged-solve influence diagnostic; returns ``(scores by name, relative
+    residual of the influence solve)``."""
     import numpy as np
     import torch
 
     from megatron_bliss.bilevel import BilevelConfig, hvp
-    from megatron_bliss.bilevel.hypergradient import (
-        lower_level_objective,
-        per_sample_directional,
-        solve_z,
-        validation_gradient,
-    )
-    from megatron_bliss.models.score_model import build_score_model
+    from megatron_bliss.bilevel.hypergradient import lower_level_objective, per_sample_directional, solve_z
+    from megatron_bliss.score.scoring import score_sequences
+    from megatron_bliss.selection import scorers
+    from megatron_bliss.selection.config import DsirConfig
 
-    tokens, full, _ = select_half
-    embedder = build_score_model(proxy_cfg, proxy)  # its body and final LayerNorm are the proxy's
-    with torch.no_grad():
-        lengths = full.shape[1] - np.argmax(full[:, ::-1], axis=1)  # passages are right-padded: pool real tokens
-        centroid = torch.stack([embedder.pooled(torch.from_numpy(t[None, :n]))[0]
-                                for t, n in zip(tokens, lengths)]).mean(0)
-        emb = torch.cat([embedder.pooled(torch.from_numpy(pool[i:i + 256])) for i in range(0, len(pool), 256)])
-        out = {"cosine": torch.nn.functional.cosine_similarity(emb, centroid[None], dim=1).numpy()}
-    g, _ = validation_gradient(proxy, {"tokens": torch.from_numpy(tokens), "loss_mask": torch.from_numpy(full)},
-                               local=True)
-    directions, residual = {"grad-align": g}, None
+    tokens, full, _ = select_half  # every token after a passage's first is a target
+    out = {}
+    if "cosine" not in args.skip:
+        out["cosine"] = score_sequences(scorers.cosine_score_fn(proxy, tokens, full, 256), pool, 256, bf16=False)
+    if "gradsim" not in args.skip:
+        out["gradsim"] = score_sequences(scorers.gradsim_score_fn(proxy, tokens, full, 64), pool, 64, bf16=False)
+    if "dsir" not in args.skip:
+        lengths = full.shape[1] - np.argmax(full[:, ::-1] > 0, axis=1)
+        out["dsir"] = scorers.dsir_weights(lambda: (tokenizer.detokenize(row.tolist()) for row in pool),
+                                           lambda: (tokenizer.detokenize(t[:n].tolist())
+                                                    for t, n in zip(tokens, lengths)), DsirConfig())
+    residual = None
     if "influence" not in args.skip:  # z on one batch of 32 pool sequences, uniform weights (the round's start)
+        g = scorers.validation_gradient_over(proxy, tokens, full, 64)
         cfg = BilevelConfig(kl_coef=0.0, **dict(CONVERGING_SOLVE, solver_steps=50, cg_tol=1e-3))
         batch = torch.from_numpy(pool[np.random.default_rng(args.seed).integers(0, len(pool), 32)])
         operator = hvp.build_operator(lower_level_objective(proxy, batch, torch.full((32,), 1 / 32), None, cfg),
                                       "exact", "gauss_newton")
         solve = solve_z(operator, g, cfg)
         operator.close()
-        directions["influence"], residual = solve.z, solve.residual
-    for name, z in directions.items():
-        c = []
-        for i in range(0, len(pool), 64):  # c_i = <∇CE_i, z> of every sequence by a central difference
-            rows = torch.from_numpy(pool[i:i + 64])
-            c.append(per_sample_directional(proxy, rows[:, :-1], rows[:, 1:], z, "finite_difference", 1e-2)[1])
-        out[name] = torch.cat(c).numpy()
+        residual = solve.residual
+        out["influence"] = score_sequences(  # c_i = <∇CE_i, z> of every sequence by a central difference
+            lambda rows: per_sample_directional(proxy, rows[:, :-1], rows[:, 1:], solve.z, "finite_difference",
+                                                1e-2)[1], pool, 64, bf16=False)
     return out, residual
 
 
@@ -485,7 +487,7 @@ def main() -> None:
                         args, seed=args.seed)
     times["proxy warm-up"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scores, influence_residual = cheap_scores(proxy, proxy_cfg, pool, select_half, args)
+    scores, influence_residual = cheap_scores(proxy, tokenizer, pool, select_half, args)
     times["cheap baselines"] = time.perf_counter() - t0
     info = {}
     for name, solve in (("bliss-cg", CONVERGING_SOLVE), ("bliss-amortized", AMORTIZED_SOLVE),

@@ -62,6 +62,15 @@ def build_adamw(model, lr: float, cfg) -> torch.optim.AdamW:
                              betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
 
 
+def _residual_text(metrics: dict) -> str:
+    """The log line's z-res: the measured residual, else the kept z's (amortized; free), else '-'."""
+    if metrics.get("z_residual") is not None:
+        return f"{metrics['z_residual']:.3g}"
+    if metrics.get("z_residual_kept") is not None:
+        return f"{metrics['z_residual_kept']:.3g} (kept z)"
+    return "-"
+
+
 def _all_finite(tensors) -> bool:
     flags = torch.stack([torch.isfinite(t).all() for t in tensors])
     return bool(flags.all())
@@ -132,7 +141,7 @@ class BilevelTrainer:
                 self.metrics.log(self.step, last)
                 parallel.log_rank0("step %d/%d val %.4f G %.4f z-res %s entropy %.4f spread %.4f (%.2fs)",
                                    self.step, b.outer_steps, last["val_loss"], last["lower_loss"],
-                                   "-" if last.get("z_residual") is None else f"{last['z_residual']:.3g}",
+                                   _residual_text(last),
                                    last["weight_entropy"], last["score_std"],
                                    last["time_outer"])
             if self.step % b.save_interval == 0 or self.step == b.outer_steps:

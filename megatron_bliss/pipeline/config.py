@@ -17,9 +17,11 @@ from megatron_bliss.parallel import ParallelConfig
 from megatron_bliss.pretrain.config import OptimConfig, TrainConfig
 from megatron_bliss.pretrain.schedule import ScheduleConfig
 from megatron_bliss.score.config import ScoringConfig
-from megatron_bliss.selection.config import SelectionConfig
+from megatron_bliss.selection.config import CosineConfig, DsirConfig, GradSimConfig, SelectionConfig
 
-METHODS = ("bliss", "random")
+METHODS = ("bliss", "random", "dsir", "cosine", "gradsim", "scores")
+PROXY_METHODS = ("bliss", "cosine", "gradsim")
+"""Methods that need the warm-up proxy (BLISS's starting point; the cosine and gradsim baselines score with it)."""
 
 
 @dataclass
@@ -27,8 +29,11 @@ class RunSection:
     """The run as a whole."""
 
     method: str = "bliss"
-    """'bliss' (bilevel score model selects each round's subset) or 'random' (the baseline: same schedule, a random
-    subset of the same size, no bilevel or scoring phase)."""
+    """How each round's subset is chosen, on the same schedule: 'bliss' (the bilevel score model), 'random' (a
+    random subset of the same size, no scoring), 'dsir' (hashed n-gram importance toward the validation text, the
+    ``dsir`` section), 'cosine' (similarity to the validation centroid under the warm-up proxy, ``cosine``),
+    'gradsim' (one-step gradient similarity at the warm-up proxy, ``gradsim``) or 'scores' (the user's own score
+    files, ``paths.scores``). Every scoring method then keeps the top of its scores by ``selection``."""
     rounds: int = 4
     """Selection rounds after the warm-up (BLISS: 4, one per shard 1..4)."""
     force: bool = False
@@ -51,6 +56,8 @@ class PipelinePaths:
     """Sequences-mode prefixes: shard 0 for the warm-up, shard r for round r (tools/preprocess_c4.py --shards)."""
     valid_prefix: str = ""
     """Validation prefix with its loss mask (tools/prepare_validation.py): the upper objective and the eval loss."""
+    scores: list[str] = field(default_factory=list)
+    """``run.method=scores``: one ``.npy`` per round (round 1 first), float scores aligned with that round's shard."""
 
     def check(self, cfg: PipelineRunConfig) -> None:
         """Checks against the run's config; raises ValueError naming the settings."""
@@ -65,6 +72,11 @@ class PipelinePaths:
             if missing:
                 raise ValueError(f"{name}: {' and '.join(missing)} not found (run.rounds={cfg.run.rounds} reads "
                                  f"shards 0..{cfg.run.rounds} and the validation set)")
+        if cfg.run.method == "scores" and len(self.scores) < cfg.run.rounds:
+            raise ValueError(f"paths.scores lists {len(self.scores)} files; run.method=scores with "
+                             f"run.rounds={cfg.run.rounds} needs one per round (round 1 first)")
+        if cfg.run.method != "scores" and self.scores:
+            raise ValueError(f"paths.scores is set but run.method={cfg.run.method}: only run.method=scores reads it")
 
 
 @dataclass
@@ -147,7 +159,13 @@ class PipelineRunConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     """Scoring batches (paths are filled in per round)."""
     selection: SelectionConfig = field(default_factory=SelectionConfig)
-    """How each round's subset is chosen (method 'top' for BLISS; the random baseline ignores it but its size)."""
+    """How each round's subset is chosen from its scores (the random baseline takes only its size)."""
+    dsir: DsirConfig = field(default_factory=DsirConfig)
+    """``run.method=dsir``: the n-gram features."""
+    cosine: CosineConfig = field(default_factory=CosineConfig)
+    """``run.method=cosine``: the validation centroid."""
+    gradsim: GradSimConfig = field(default_factory=GradSimConfig)
+    """``run.method=gradsim``: the validation gradient and the directional derivative."""
 
     def validate(self) -> None:
         """Cross-section checks, naming the settings."""
@@ -167,10 +185,11 @@ class PipelineRunConfig:
     def fingerprint(self) -> dict:
         """What decides the outputs of this run's phases (the manifest's config hash).
 
-        Left out: settings no phase reads for this method (the random baseline has no proxy, bilevel or scoring
-        phase, and takes only the subset size from ``selection``), and settings that change no output (where the
-        forcing, checkpoint and logging cadence, the number of rounds: round r never depends on later rounds, so a
-        run can be extended). The input files come in through :func:`manifest_hash`.
+        Left out: settings no phase reads for this method (only BLISS has a bilevel phase; dsir, scores and random
+        have no proxy; dsir and scores do not run ``scoring``'s batches; each baseline reads only its own section;
+        the random baseline takes only the subset size from ``selection``), and settings that change no output
+        (where the forcing, checkpoint and logging cadence, the number of rounds: round r never depends on later
+        rounds, so a run can be extended). The input files come in through :func:`manifest_hash`.
         """
         from megatron_bliss.config import to_dict
 
@@ -179,11 +198,20 @@ class PipelineRunConfig:
             d["run"].pop(key)
         for key in ("log_interval", "tensorboard", "save_interval", "keep_checkpoints"):
             d["bilevel"].pop(key)
-        if self.run.method == "random":
-            for section in ("proxy", "proxy_train", "proxy_optim", "bilevel", "scoring"):
+        method = self.run.method
+        for section in ("dsir", "cosine", "gradsim"):
+            if section != method:
                 d.pop(section)
-            d["selection"] = {"fraction": self.selection.fraction, "top_k": self.selection.top_k}
+        if method != "bliss":
+            d.pop("bilevel")
+        if method not in PROXY_METHODS:
+            for section in ("proxy", "proxy_train", "proxy_optim"):
+                d.pop(section)
             d["steps"].pop("proxy_warmup_steps")
+        if method not in ("bliss", "cosine", "gradsim"):
+            d.pop("scoring")
+        if method == "random":
+            d["selection"] = {"fraction": self.selection.fraction, "top_k": self.selection.top_k}
         return d
 
 
@@ -192,4 +220,7 @@ def manifest_hash(cfg: PipelineRunConfig, paths: PipelinePaths) -> str:
     files the phases read (not where the run lives)."""
     from megatron_bliss.config import config_hash
 
-    return config_hash({"config": cfg.fingerprint(), "shards": list(paths.shards), "valid_prefix": paths.valid_prefix})
+    record = {"config": cfg.fingerprint(), "shards": list(paths.shards), "valid_prefix": paths.valid_prefix}
+    if paths.scores:
+        record["scores"] = list(paths.scores)
+    return config_hash(record)

@@ -26,10 +26,11 @@ import numpy as np
 from megatron_bliss import parallel
 from megatron_bliss.config import dump
 from megatron_bliss.models.presets import ModelConfig, model_flops_per_token
-from megatron_bliss.pipeline.config import PipelinePaths, PipelineRunConfig, manifest_hash
+from megatron_bliss.pipeline.config import PROXY_METHODS, PipelinePaths, PipelineRunConfig, manifest_hash
 from megatron_bliss.pipeline.manifest import Manifest, phase_key
 
 logger = logging.getLogger(__name__)
+
 
 
 def _data_parallel(cfg: PipelineRunConfig):
@@ -86,18 +87,26 @@ class BlissPipeline:
         phases = [(phase_key(0, "warmup_subset"), self.warmup_subset, self._dataset_files(self.paths.shards[0])),
                   (phase_key(0, "target"), self.warmup_target, subset0 + valid),
                   (phase_key(0, "eval"), lambda: self.eval_branch(0), [p0["target"], *subset0, *valid])]
-        if c.run.method == "bliss":
+        method = c.run.method
+        if method in PROXY_METHODS:
             phases.append((phase_key(0, "proxy"), self.warmup_proxy, subset0 + valid))
         for r in range(1, c.run.rounds + 1):
             p, prev, shard = self._paths(r), self._paths(r - 1), self._dataset_files(self.paths.shards[r])
             subset = self._dataset_files(p["subset"])
-            if c.run.method == "bliss":
+            if method == "bliss":
                 bilevel_inputs = [*shard, *valid, p0["proxy"]]
                 bilevel_inputs += [prev["target"]] if c.bilevel.kl_coef > 0 else []
                 bilevel_inputs += [prev["score"]] if r > 1 else []
                 phases += [(phase_key(r, "bilevel"), lambda r=r: self.bilevel(r), bilevel_inputs),
-                           (phase_key(r, "score"), lambda r=r: self.score(r), [p["score"], *shard])]
-            scores = [os.path.join(p["scores"], "scores.npy")] if c.run.method == "bliss" else []
+                           (phase_key(r, "score"), lambda r=r: self.score(r),
+                            [p["score"], *shard] + ([prev["score"]] if r > 1 else []))]
+            elif method != "random":
+                if method == "scores":
+                    score_inputs = [self._user_scores(r), *shard]
+                else:
+                    score_inputs = ([p0["proxy"]] if method in PROXY_METHODS else []) + [*shard, *valid]
+                phases.append((phase_key(r, "score"), lambda r=r: self.score(r), score_inputs))
+            scores = [os.path.join(p["scores"], "scores.npy")] if method != "random" else []
             phases += [(phase_key(r, "select"), lambda r=r: self.select(r), scores + shard),
                        (phase_key(r, "target"), lambda r=r: self.round_target(r), [*subset, prev["target"], *valid]),
                        (phase_key(r, "eval"), lambda r=r: self.eval_branch(r), [p["target"], *subset, *valid])]
@@ -108,13 +117,23 @@ class BlissPipeline:
         files = self._dataset_files(self.paths.valid_prefix)
         for prefix in self.paths.shards[:self.cfg.run.rounds + 1]:
             files += self._dataset_files(prefix)
+        if self.cfg.run.method == "scores":
+            files += [self._user_scores(r) for r in range(1, self.cfg.run.rounds + 1)]
         return files
+
+    def _user_scores(self, r: int) -> str:
+        """``run.method=scores``: the user's score file of round r."""
+        return self.paths.scores[r - 1]
 
     @staticmethod
     def _dataset_files(prefix: str) -> list[str]:
-        """The files of an indexed dataset (with a validation set's loss-mask spans)."""
+        """The files of an indexed dataset (with a validation set's loss-mask spans, and the provenance sidecar of a
+        preprocessed shard or subset where it has one)."""
+        from megatron_bliss.data.origins import origins_files
+
         files = [prefix + ".bin", prefix + ".idx"]
-        return files + [prefix + ".targets.npy"] if os.path.exists(prefix + ".targets.npy") else files
+        files += [prefix + ".targets.npy"] if os.path.exists(prefix + ".targets.npy") else []
+        return files + origins_files(prefix)
 
     def run(self) -> str:
         """Runs every unfinished phase; returns the report directory."""
@@ -194,18 +213,61 @@ class BlissPipeline:
         return bcfg, paths
 
     def score(self, r: int) -> dict:
+        """Round r's ``scores/scores.npy`` by the run's method (one float32 score per sequence of shard r)."""
+        from megatron_bliss.pretrain.data import open_sequences
         from megatron_bliss.score.config import ScorePaths, ScoreRunConfig, ScoreRunSection
-        from megatron_bliss.score.scoring import run_scoring
+        from megatron_bliss.score.scoring import run_scoring, save_npy_atomic
+        from megatron_bliss.selection import scorers
 
-        c, p = self.cfg, self._paths(r)
-        # chunks that match this round's shard and score model resume; others are the pipeline's own to replace
+        c, p, method = self.cfg, self._paths(r), self.cfg.run.method
+        path = os.path.join(p["scores"], "scores.npy")
+        if method in ("dsir", "scores"):  # rank 0 computes or checks them on the CPU; no model
+            if parallel.is_rank0():
+                n = len(open_sequences(self.paths.shards[r], c.target.seq_length + 1))
+                if method == "dsir":
+                    values = scorers.dsir_scores(self.paths.shards[r], self.paths.valid_prefix, c.dsir,
+                                                 work_dir=self.paths.run_dir)
+                else:
+                    values = scorers.check_user_scores(self._user_scores(r), n, f"paths.scores[{r - 1}]")
+                os.makedirs(p["scores"], exist_ok=True)
+                save_npy_atomic(path, values)
+            parallel.barrier()
+            return {"kind": "selection", "method": method, "sequences": len(np.load(path, mmap_mode="r")),
+                    "flops": 0.0, "outputs": [path]}
+        # chunks that match this round's shard and scorer resume; others are the pipeline's own to replace
         scfg = ScoreRunConfig(model=c.proxy, parallel=_data_parallel(c), scoring=c.scoring,
                               run=ScoreRunSection(overwrite=True))
-        path = run_scoring(scfg, ScorePaths(checkpoint=p["score"], data_prefix=self.paths.shards[r],
-                                            output_dir=p["scores"]))
+        checkpoint = p["score"] if method == "bliss" else self._paths(0)["proxy"]
+        scorer = {"bliss": None, "cosine": lambda: scorers.CosineScorer(self.paths.valid_prefix, c.cosine),
+                  "gradsim": lambda: scorers.GradSimScorer(self.paths.valid_prefix, c.gradsim)}[method]
+        path = run_scoring(scfg, ScorePaths(checkpoint=checkpoint, data_prefix=self.paths.shards[r],
+                                            output_dir=p["scores"]), scorer() if scorer else None)
         n = len(np.load(path, mmap_mode="r"))
-        flops = model_flops_per_token(c.proxy, output_layer=False) / 3 * n * c.proxy.seq_length
-        return {"kind": "selection", "sequences": n, "flops": flops, "outputs": [path]}
+        outputs = [path]
+        if method == "bliss" and r > 1:
+            outputs.append(self._previous_model_scores(r))
+        passes = {"bliss": 1, "cosine": 1, "gradsim": 3}[method]  # gradsim: a jvp, or two forwards with the LM head
+        flops = passes * model_flops_per_token(c.proxy, output_layer=method == "gradsim") / 3 * n * c.proxy.seq_length
+        return {"kind": "selection", "method": method, "sequences": n, "flops": flops, "outputs": outputs}
+
+    def _previous_model_scores(self, r: int) -> str:
+        """``scores/previous_model.npy``: the first ``scoring.chunk_size`` sequences of shard r scored by round
+        r-1's score model, beside round r's (the report's rank correlation between consecutive rounds)."""
+        from megatron_bliss.checkpointing import load_model
+        from megatron_bliss.models import build_score_model
+        from megatron_bliss.pretrain.data import open_sequences
+        from megatron_bliss.score.scoring import save_npy_atomic, score_sequences
+
+        c, p = self.cfg, self._paths(r)
+        path = os.path.join(p["scores"], "previous_model.npy")
+        model = build_score_model(c.proxy)
+        load_model(self._paths(r - 1)["score"], model, c.proxy, "score")  # collective: every rank loads it
+        model.eval()
+        if parallel.is_rank0():
+            rows = open_sequences(self.paths.shards[r], c.proxy.seq_length + 1)[:c.scoring.chunk_size]
+            save_npy_atomic(path, score_sequences(model.logit, rows, c.scoring.micro_batch_size, c.scoring.bf16))
+        parallel.barrier()
+        return path
 
     def select(self, r: int) -> dict:
         from megatron_bliss.data.sequences import read_sequences
@@ -216,7 +278,7 @@ class BlissPipeline:
         info = {"kind": "selection", "method": c.run.method}
         if parallel.is_rank0():
             selection = dataclasses.replace(c.selection, seed=c.parallel.seed + r)
-            if c.run.method == "bliss":
+            if c.run.method != "random":
                 scores = np.load(os.path.join(p["scores"], "scores.npy"))
                 indices = select_indices(scores, selection)
                 info["threshold"] = float(scores[indices].min())
@@ -225,7 +287,8 @@ class BlissPipeline:
                 indices = select_indices(np.zeros(n), dataclasses.replace(selection, method="random"))
             write_subset(self.paths.shards[r], indices, p["subset"], kind="indices", overwrite=True)
             info["selected"] = int(len(indices))
-        return {**info, "outputs": [p["subset"] + ".bin", p["subset"] + ".idx"]}
+        parallel.barrier()
+        return {**info, "outputs": self._dataset_files(p["subset"])}
 
     def round_target(self, r: int) -> dict:
         c, p = self.cfg, self._paths(r)
@@ -263,7 +326,7 @@ class BlissPipeline:
                                  "pipeline config: selection.top_k, selection.fraction)") from None
         phases = [("round0/target", "target", 0)] + [(f"round{r}/eval", "eval", r) for r in rounds]
         phases += [(f"round{r}/target", "target", r) for r in rounds[1:]]
-        if c.run.method == "bliss":
+        if c.run.method in PROXY_METHODS:
             phases.append(("round0/proxy", "proxy", 0))
         for key, phase, r in phases:
             try:
@@ -277,10 +340,36 @@ class BlissPipeline:
                     self._bilevel_config(r)[0].validate()
                 except ValueError as exc:
                     raise ValueError(_in_pipeline_terms(f"round{r}/bilevel: {exc}", proxy=True)) from None
+        if c.run.method in PROXY_METHODS:
             try:
                 ScoreRunConfig(model=c.proxy, parallel=_data_parallel(c), scoring=c.scoring).validate()
             except ValueError as exc:
                 raise ValueError(_in_pipeline_terms(f"round1/score: {exc}", proxy=True)) from None
+        self._preflight_method(sizes)
+
+    def _preflight_method(self, sizes: list) -> None:
+        """The baselines' inputs, checked before any phase: the user's score files (length, dtype, NaN), the
+        tokenizer DSIR decodes the texts with, the validation set the proxy baselines read."""
+        from megatron_bliss.selection import scorers
+
+        c, method = self.cfg, self.cfg.run.method
+        rounds = range(1, c.run.rounds + 1)
+        if method == "scores":
+            for r in rounds:
+                scorers.check_user_scores(self._user_scores(r), sizes[r], f"paths.scores[{r - 1}] (round {r}, "
+                                          f"paths.shards[{r}] {self.paths.shards[r]})")
+        elif method == "dsir":
+            for r in rounds:
+                scorers.check_texts(self.paths.shards[r], f"paths.shards[{r}]")
+            scorers.check_texts(self.paths.valid_prefix, "paths.valid_prefix")
+        elif method in ("cosine", "gradsim"):
+            from megatron_bliss.data.validation import load_validation_set
+
+            try:
+                load_validation_set(self.paths.valid_prefix, max_length=c.proxy.seq_length + 1)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"paths.valid_prefix ({self.paths.valid_prefix}), read by run.method={method}: "
+                                 f"{exc}") from None
 
     # ------------------------------------------------------------------------------------------------- helpers
     def _training_phase(self, phase: str, r: int) -> dict:

@@ -12,9 +12,11 @@ of sequences. A rerun reuses chunks only when it matches; otherwise it refuses, 
 differs, unless ``run.overwrite`` is set, which discards the old chunks first. The data-parallel layout is not part
 of it (scores do not depend on it).
 
-``scores.npy`` holds the score model's logit ``w·pool(h) + b`` per sequence; the BLISS score is
-``s = sigmoid(logit)``. Ranking by the logit is ranking by ``s``, without the float32 saturation of ``s`` near 1.
-One stored sequence is one scored unit (and one training sample), so ``scores[i]`` belongs to sequence ``i``.
+The scorer is BLISS's score model by default; the pipeline's baselines (:mod:`megatron_bliss.selection.scorers`) run
+through the same chunks with their own. ``scores.npy`` holds the score model's logit ``w·pool(h) + b`` per sequence;
+the BLISS score is ``s = sigmoid(logit)``. Ranking by the logit is ranking by ``s``, without the float32 saturation
+of ``s`` near 1. One stored sequence is one scored unit (and one training sample), so ``scores[i]`` belongs to
+sequence ``i``.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def _chunk_path(output_dir: str, chunk: int) -> str:
     return os.path.join(output_dir, "chunks", f"chunk_{chunk:06d}.npy")
 
 
-def _save_atomic(path: str, array: np.ndarray) -> None:
+def save_npy_atomic(path: str, array: np.ndarray) -> None:
+    """``np.save`` under a temporary name in the same directory, renamed into place."""
     tmp = f"{path}.tmp{os.getpid()}.npy"
     np.save(tmp, array)
     replace_atomic(tmp, path)
@@ -61,17 +64,39 @@ def _write_json_atomic(path: str, value: dict) -> None:
     replace_atomic(tmp, path)
 
 
-def chunks_fingerprint(cfg: ScoreRunConfig, paths: ScorePaths, num_sequences: int) -> dict:
-    """What decides the chunk files' contents (see the module docstring); plain JSON values."""
-    from megatron_bliss.pipeline.manifest import path_checksum
+class ScoreModelScorer:
+    """BLISS's scorer: the score model's logit ``w·pool(h) + b`` from the checkpoint at ``paths.checkpoint``.
 
+    A scorer is what :func:`run_scoring` runs over a shard: ``fingerprint(cfg, paths)`` (what decides its scores,
+    cheap: no model is built) and ``build(cfg, paths)`` (on every rank, after parallel initialization) returning
+    ``fn(tokens [b, L]) -> [b]`` scores; ``autocast`` says whether bf16 autocast may run it on GPU
+    (``scoring.bf16``). The baselines' scorers are in :mod:`megatron_bliss.selection.scorers`.
+    """
+
+    name = "bliss"
+    autocast = True
+
+    def fingerprint(self, cfg: ScoreRunConfig, paths: ScorePaths) -> dict:
+        from megatron_bliss.pipeline.manifest import path_checksum
+
+        return {"checkpoint": {"checksum": path_checksum(resolve(paths.checkpoint))}}
+
+    def build(self, cfg: ScoreRunConfig, paths: ScorePaths):
+        model = build_score_model(cfg.model)
+        load_model(paths.checkpoint, model, cfg.model, "score")
+        model.eval()
+        return model.logit
+
+
+def chunks_fingerprint(cfg: ScoreRunConfig, paths: ScorePaths, num_sequences: int, scorer=None) -> dict:
+    """What decides the chunk files' contents (see the module docstring); plain JSON values."""
     sc = cfg.scoring
     prefix = os.path.realpath(paths.data_prefix)
     bin_stat = os.stat(prefix + ".bin")
     return {
         "data_prefix": {"path": prefix, "idx_sha256": file_sha256(prefix + ".idx"), "bin_bytes": bin_stat.st_size,
                         "bin_mtime_ns": bin_stat.st_mtime_ns},
-        "checkpoint": {"checksum": path_checksum(resolve(paths.checkpoint))},
+        **(scorer or ScoreModelScorer()).fingerprint(cfg, paths),
         "model": to_dict(cfg.model),
         "scoring": {"chunk_size": sc.chunk_size, "micro_batch_size": sc.micro_batch_size, "bf16": sc.bf16,
                     "max_sequences": sc.max_sequences},
@@ -120,24 +145,27 @@ def _check_chunks(output_dir: str, fingerprint: dict, overwrite: bool) -> bool:
 
 
 @torch.no_grad()
-def score_sequences(model, sequences: np.ndarray, micro_batch_size: int, bf16: bool = True) -> np.ndarray:
-    """Score-model logits ``float32[n]`` of ``sequences`` ``[n, L]`` in micro-batches of ``micro_batch_size``."""
+def score_sequences(score_fn, sequences: np.ndarray, micro_batch_size: int, bf16: bool = True) -> np.ndarray:
+    """``float32[n]`` scores of ``sequences`` ``[n, L]`` by ``score_fn(tokens [b, L]) -> [b]`` (a score model's
+    ``logit``, or a scorer's ``build``), in micro-batches of ``micro_batch_size``."""
     device = parallel.get_device()
     out = np.empty(len(sequences), dtype=np.float32)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
     for start in range(0, len(sequences), micro_batch_size):
         batch = torch.from_numpy(np.asarray(sequences[start:start + micro_batch_size], dtype=np.int64)).to(device)
         with autocast:
-            logits = model.logit(batch)
+            logits = score_fn(batch)
         out[start:start + len(batch)] = logits.float().cpu().numpy()
     return out
 
 
-def run_scoring(cfg: ScoreRunConfig, paths: ScorePaths) -> str:
-    """Scores ``paths.data_prefix`` with the checkpointed score model; returns the path of ``scores.npy``.
+def run_scoring(cfg: ScoreRunConfig, paths: ScorePaths, scorer=None) -> str:
+    """Scores ``paths.data_prefix`` with ``scorer`` (default: the checkpointed BLISS score model,
+    :class:`ScoreModelScorer`); returns the path of ``scores.npy``.
 
     All ranks call it under torchrun (or one plain process). Resumes from existing chunk files.
     """
+    scorer = scorer or ScoreModelScorer()
     sc = cfg.scoring
     paths.validate()
     for suffix in (".bin", ".idx"):
@@ -155,7 +183,7 @@ def run_scoring(cfg: ScoreRunConfig, paths: ScorePaths) -> str:
     if sc.max_sequences is not None:
         sequences = sequences[: sc.max_sequences]
     n = len(sequences)
-    fingerprint = chunks_fingerprint(cfg, paths, n)
+    fingerprint = chunks_fingerprint(cfg, paths, n, scorer)
     discard = _check_chunks(paths.output_dir, fingerprint, cfg.run.overwrite)  # same answer on every rank
     parallel.barrier()  # every rank has read the old fingerprint before rank 0 replaces it
     fingerprint_path = os.path.join(paths.output_dir, "chunks", FINGERPRINT_FILE)
@@ -168,9 +196,7 @@ def run_scoring(cfg: ScoreRunConfig, paths: ScorePaths) -> str:
         if not os.path.isfile(fingerprint_path):
             _write_json_atomic(fingerprint_path, fingerprint)
     parallel.barrier()
-    model = build_score_model(cfg.model)
-    load_model(paths.checkpoint, model, cfg.model, "score")
-    model.eval()
+    score_fn = scorer.build(cfg, paths)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     writer = ps.get_tensor_model_parallel_rank() == 0
     num_chunks = -(-n // sc.chunk_size)
@@ -180,10 +206,10 @@ def run_scoring(cfg: ScoreRunConfig, paths: ScorePaths) -> str:
         if os.path.exists(path):
             continue
         rows = sequences[chunk * sc.chunk_size:(chunk + 1) * sc.chunk_size]
-        scores = score_sequences(model, rows, sc.micro_batch_size, sc.bf16)
+        scores = score_sequences(score_fn, rows, sc.micro_batch_size, sc.bf16 and scorer.autocast)
         scored += len(rows)
         if writer:
-            _save_atomic(path, scores)
+            save_npy_atomic(path, scores)
     elapsed = time.perf_counter() - start_time
     stats = _throughput(cfg, scored, sequences.shape[1], elapsed)
     parallel.barrier()
@@ -197,7 +223,7 @@ def run_scoring(cfg: ScoreRunConfig, paths: ScorePaths) -> str:
                                  f"remove it and rerun to score that chunk again")
             parts.append(part)
         scores = np.concatenate(parts)
-        _save_atomic(final_path, scores)
+        save_npy_atomic(final_path, scores)
         _write_json_atomic(os.path.join(paths.output_dir, INFO_FILE),
                            {"num_sequences": n, "data_prefix": paths.data_prefix, "checkpoint": paths.checkpoint,
                             "fingerprint": fingerprint, "rank0_throughput": stats})

@@ -21,7 +21,7 @@ def test_selection_quality_smoke(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("corpus: the shipped sample")
     rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and "---" not in line}
-    assert set(rows) == {"selector", "random", "bliss-cg", "cosine", "grad-align", "untrained", "flipped",
+    assert set(rows) == {"selector", "random", "bliss-cg", "dsir", "cosine", "gradsim", "untrained", "flipped",
                          "clean+random"}, rows.keys()
     for name, row in rows.items():
         if name != "selector":

@@ -238,8 +238,9 @@ def test_case07_overwrite_replaces_only_when_complete_and_removes_stale_files(tm
     assert _snapshot(tmp_path) == before
     manifest = preprocess(_cfg(prefix, shards=2, overwrite=True))
     names = sorted(p for p in os.listdir(tmp_path) if p.startswith("c4"))
-    assert names == ["c4-bad.json", "c4.manifest.json", "c4_shard0.bin", "c4_shard0.idx", "c4_shard1.bin",
-                     "c4_shard1.idx"]
+    assert names == sorted(["c4-bad.json", "c4.manifest.json", "c4_shard0.bin", "c4_shard0.idx", "c4_shard1.bin",
+                            "c4_shard1.idx",  # and each shard's provenance sidecar; shard 2's are gone
+                            *[f"c4_shard{k}.origins.{e}" for k in (0, 1) for e in ("json", "npy", "urls")]])
     assert [s["prefix"] for s in manifest["shards"]] == ["c4_shard0", "c4_shard1"]
 
 

@@ -58,7 +58,7 @@ def test_scores_match_direct_forward(single_process, scored_setup):
     load_model(str(base / "score"), model, cfg, "score")
     seqs = read_sequences(str(base / "shard"))
     np.testing.assert_array_equal(seqs, rows)
-    got = score_sequences(model, seqs[:8], micro_batch_size=3)
+    got = score_sequences(model.logit, seqs[:8], micro_batch_size=3)
     with torch.no_grad():
         want = model.logit(torch.from_numpy(rows[:8].astype(np.int64))).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
