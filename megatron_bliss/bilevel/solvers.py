@@ -149,6 +149,19 @@ def _axpby_into(p, r, beta: float) -> None:
         pk.mul_(beta).add_(rk)
 
 
+def _start(operator: Callable, g, z0, damping: float) -> tuple:
+    """``(z, r, products)`` at a solve's start: z = 0 and r = g without a product, or z0 and its residual
+    r = g − (C + μI) z0 from one."""
+    if z0 is None:
+        return [torch.zeros_like(t) for t in g], [t.clone() for t in g], 0
+    z = [t.detach().clone() for t in z0]
+    r = [c.detach() for c in operator(z)]
+    with torch.no_grad():  # r = g − (C + μI) z in place of C z
+        for rk, gk, zk in zip(r, g, z):
+            rk.add_(zk, alpha=damping).neg_().add_(gk)
+    return z, r, 1
+
+
 def solve_cg(operator: Callable, g: Sequence[torch.Tensor], *, max_steps: int, damping: float, tol: float = 1e-3,
              z0: Sequence[torch.Tensor] | None = None, compute_residual: bool = True) -> SolveResult:
     """Conjugate gradient on (C + μI) z = g.
@@ -166,17 +179,7 @@ def solve_cg(operator: Callable, g: Sequence[torch.Tensor], *, max_steps: int, d
     space = getattr(operator, "space", None)
     g = [t.detach() for t in g]
     g_norm = max(_norm(g, space), 1e-300)
-    products = 0
-    if z0 is None:
-        z = [torch.zeros_like(t) for t in g]
-        r = [t.clone() for t in g]
-    else:
-        z = [t.detach().clone() for t in z0]
-        r = [c.detach() for c in operator(z)]
-        products += 1
-        with torch.no_grad():  # r = g − (C + μI) z in place of C z
-            for rk, gk, zk in zip(r, g, z):
-                rk.add_(zk, alpha=damping).neg_().add_(gk)
+    z, r, products = _start(operator, g, z0, damping)
     p = [t.clone() for t in r]
     rr = _dot(r, r, space)
     history = [rr ** 0.5 / g_norm]
@@ -242,21 +245,11 @@ def solve_amortized(operator: Callable, g: Sequence[torch.Tensor], z: Sequence[t
     g = [t.detach() for t in g]
     g_norm = max(_norm(g, space), 1e-300)
     call = (lambda v: operator(v, observe=observe)) if observe is not None else operator
-    used = 0
-    if z is None:  # z = 0: r = g without a product; the first product measures the exact step along it
-        r = [t.clone() for t in g]
-        z = [torch.zeros_like(t) for t in g]
-        kept_residual, scale_first = 1.0, None
-    else:
-        z = [t.detach().clone() for t in z]
-        r = [c.detach() for c in call(z)]
-        used += 1
-        with torch.no_grad():  # r = g − (C + μI) z in place of C z
-            for rk, gk, zk in zip(r, g, z):
-                rk.add_(zk, alpha=damping).neg_().add_(gk)
-        kept_residual, scale_first = _norm(r, space) / g_norm, 1.0
-        if step_size is not None and kept_residual > 1.0 and products == 1:
-            step_size = step_size / 2
+    fresh = z is None  # z = 0: r = g without a product; the first product measures the exact step along it
+    z, r, used = _start(call, g, z, damping)
+    kept_residual, scale_first = (1.0, None) if fresh else (_norm(r, space) / g_norm, 1.0)
+    if not fresh and step_size is not None and kept_residual > 1.0 and products == 1:
+        step_size = step_size / 2
     rr = _dot(r, r, space)
     negative = False
     if used < products or step_size is None:  # conjugate-gradient iterations from z (the first measures α)

@@ -195,17 +195,14 @@ class _Shards:
         """``(Origins or None, why none)`` of the shard at ``prefix``."""
         key = os.path.realpath(prefix)
         if key not in self._origins:
+            from megatron_bliss.data.origins import read_origins
+
             try:
-                from megatron_bliss.data.origins import read_origins
-            except ImportError:
-                self._origins[key] = (None, "no provenance reader (megatron_bliss.data.origins) in this install")
+                origins = read_origins(prefix)
+            except (OSError, ValueError) as exc:
+                self._origins[key] = (None, f"its provenance sidecar cannot be read ({exc})")
             else:
-                try:
-                    origins = read_origins(prefix)
-                except (OSError, ValueError) as exc:
-                    self._origins[key] = (None, f"its provenance sidecar cannot be read ({exc})")
-                else:
-                    self._origins[key] = (origins, "" if origins is not None else "it has no provenance sidecar")
+                self._origins[key] = (origins, "" if origins is not None else "it has no provenance sidecar")
         return self._origins[key]
 
     def pool_sources(self, prefix: str, origins) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from megatron_bliss.config import to_dict
-from megatron_bliss.selection.config import CosineConfig, DsirConfig, GradSimConfig
+from megatron_bliss.selection.config import DsirConfig
 
 logger = logging.getLogger(__name__)
 
@@ -69,25 +69,36 @@ def _load_proxy(cfg, paths):
     return proxy
 
 
-# -------------------------------------------------------------------------------------------------------- cosine
-class CosineScorer:
-    """cos(pool(h_i), c): ``pool`` the mean of the warm-up proxy's final-LayerNorm hidden states over a sequence's
-    positions, c the mean of the validation examples' pooled states (each pooled over its own tokens, up to its
-    last target)."""
+class _ProxyScorer:
+    """A scorer of :func:`~megatron_bliss.score.scoring.run_scoring` at the warm-up proxy ``paths.checkpoint`` and
+    the validation set: its scores depend on the checkpoint, the validation set and the method's section."""
 
-    name = "cosine"
-    autocast = True
+    name = ""
 
-    def __init__(self, valid_prefix: str, config: CosineConfig):
+    def __init__(self, valid_prefix: str, config):
         self.valid_prefix, self.config = valid_prefix, config
 
     def fingerprint(self, cfg, paths) -> dict:
         return {"method": self.name, "checkpoint": _checkpoint_fingerprint(paths.checkpoint),
-                "valid": _dataset_fingerprint(self.valid_prefix), "cosine": to_dict(self.config)}
+                "valid": _dataset_fingerprint(self.valid_prefix), self.name: to_dict(self.config)}
+
+    def _inputs(self, cfg, paths) -> tuple:
+        """``(proxy, validation tokens, validation mask)``."""
+        tokens, mask = _validation_arrays(self.valid_prefix, cfg.model.seq_length, self.config.val_examples)
+        return _load_proxy(cfg, paths), tokens, mask
+
+
+# -------------------------------------------------------------------------------------------------------- cosine
+class CosineScorer(_ProxyScorer):
+    """cos(pool(h_i), c): ``pool`` the mean of the warm-up proxy's final-LayerNorm hidden states over a sequence's
+    positions, c the mean of the validation examples' pooled states (each pooled over its own tokens, up to its
+    last target). ``config`` is a :class:`~megatron_bliss.selection.config.CosineConfig`."""
+
+    name = "cosine"
+    autocast = True
 
     def build(self, cfg, paths):
-        tokens, mask = _validation_arrays(self.valid_prefix, cfg.model.seq_length, self.config.val_examples)
-        return cosine_score_fn(_load_proxy(cfg, paths), tokens, mask, cfg.scoring.micro_batch_size)
+        return cosine_score_fn(*self._inputs(cfg, paths), cfg.scoring.micro_batch_size)
 
 
 @torch.no_grad()
@@ -116,26 +127,19 @@ def cosine_score_fn(proxy, val_tokens: np.ndarray, val_mask: np.ndarray, micro_b
 
 
 # ------------------------------------------------------------------------------------------------------- gradsim
-class GradSimScorer:
+class GradSimScorer(_ProxyScorer):
     """⟨∇CE_i, ∇f⟩ at the warm-up proxy: CE_i a sequence's mean next-token loss, f the validation loss (token mean
     over every masked target of the validation examples used). ∇f is computed once per scoring run (on every rank,
     in micro-batches); each micro-batch's c_i are one batched directional derivative along it
-    (:func:`megatron_bliss.bilevel.hypergradient.per_sample_directional`, no per-sequence backward)."""
+    (:func:`megatron_bliss.bilevel.hypergradient.per_sample_directional`, no per-sequence backward). ``config`` is a
+    :class:`~megatron_bliss.selection.config.GradSimConfig`."""
 
     name = "gradsim"
     autocast = False  # a central difference in bf16 is noise
 
-    def __init__(self, valid_prefix: str, config: GradSimConfig):
-        self.valid_prefix, self.config = valid_prefix, config
-
-    def fingerprint(self, cfg, paths) -> dict:
-        return {"method": self.name, "checkpoint": _checkpoint_fingerprint(paths.checkpoint),
-                "valid": _dataset_fingerprint(self.valid_prefix), "gradsim": to_dict(self.config)}
-
     def build(self, cfg, paths):
-        tokens, mask = _validation_arrays(self.valid_prefix, cfg.model.seq_length, self.config.val_examples)
-        return gradsim_score_fn(_load_proxy(cfg, paths), tokens, mask, cfg.scoring.micro_batch_size,
-                                self.config.method, self.config.fd_eps)
+        return gradsim_score_fn(*self._inputs(cfg, paths), cfg.scoring.micro_batch_size, self.config.method,
+                                self.config.fd_eps)
 
 
 def _gradsim_method(proxy, requested: str) -> str:

@@ -6,13 +6,12 @@ import os
 import re
 import subprocess
 import sys
-import types
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
+from megatron_bliss.data.origins import Span
 from tests.conftest import REPO_ROOT
 
 TOKENIZER = os.path.join(REPO_ROOT, "megatron_bliss", "data", "assets", "default_bpe_8k.model")
@@ -239,36 +238,19 @@ def test_audit_texts_are_the_shards_decoded_sequences(runs, shards, tmp_path):
 
 
 def _patch_read_origins(monkeypatch, read_origins) -> None:
-    """The report's ``read_origins`` replaced: on the data package's module, or a stand-in module where the tree has
-    none yet."""
-    try:
-        import megatron_bliss.data.origins as module
-    except ImportError:
-        module = types.ModuleType("megatron_bliss.data.origins")
-        monkeypatch.setitem(sys.modules, "megatron_bliss.data.origins", module)
-    monkeypatch.setattr(module, "read_origins", read_origins, raising=False)
+    """The report's ``read_origins`` replaced on the data package's module."""
+    import megatron_bliss.data.origins as module
+
+    monkeypatch.setattr(module, "read_origins", read_origins)
 
 
 def test_source_table_without_provenance_is_one_line(runs, shards, tmp_path, monkeypatch):
-    """No sidecar (read_origins returns None) and no origins module at all: one line each, no table."""
+    """No sidecar (read_origins returns None): one line, no table."""
     _patch_read_origins(monkeypatch, lambda prefix: None)
     md, _ = _report(runs, tmp_path / "none")
     sec = _section(_section(md, "### Round 1"), "#### bliss: round 1")
     assert f"No sources: shard `{shards[1]}`: it has no provenance sidecar." in sec
     assert not [t for t in _tables(sec) if t[1] and t[1][0] == "source"]
-    monkeypatch.setitem(sys.modules, "megatron_bliss.data.origins", None)  # import fails
-    md, _ = _report(runs, tmp_path / "missing")
-    assert "no provenance reader (megatron_bliss.data.origins) in this install" in md
-
-
-@dataclass(frozen=True)
-class _Span:
-    file: str
-    line: int
-    url: str | None
-    doc_offset: int
-    length: int
-    seq_offset: int
 
 
 class _FakeOrigins:
@@ -285,8 +267,8 @@ class _FakeOrigins:
     def spans(self, sequence: int) -> list:
         host = f"host{sequence % 25}.example"
         half = self.length // 2
-        return [_Span(f"{host}.json.gz", sequence + 1, f"https://{host}/doc/{sequence}", 0, half, 0),
-                _Span(f"{host}.json.gz", sequence + 2, None, 0, self.length - half, half)]
+        return [Span(f"{host}.json.gz", sequence + 1, f"https://{host}/doc/{sequence}", 0, half, 0),
+                Span(f"{host}.json.gz", sequence + 2, None, 0, self.length - half, half)]
 
     def source_tokens(self, sequences=None) -> dict:
         self.calls.append(None if sequences is None else len(sequences))
