@@ -95,6 +95,10 @@ setup(
         "pyarrow>=14",
         "data-selection>=1.0.3,<2",  # DSIR (HashedNgramDSIR), a selection method of the pipeline
         "scipy>=1.10",  # rank correlations of the selection audit
+        # Hugging Face export/import (tools/export_hf.py); transformers 4 pins huggingface-hub<1, which
+        # datasets 5 (lm-eval's) refuses: tested with transformers 5
+        "transformers>=4.40,<6",
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff==0.17.5"],
