@@ -71,7 +71,7 @@ _TOP_FILES_RE = "|".join(re.escape(f) for f in TOP_FILES)
 _PATH_RE = re.compile(  # a top-level directory and what follows it (globs, {a,b}), or a top-level file
     r"(?<![\w./$~{}-])((?:" + _TOP_DIRS_RE + r")/(?:[\w.*+/-]|\{[^{}\s]*\})*|(?:" + _TOP_FILES_RE + r")(?![\w.-]))")
 _MODULE_RE = re.compile(r"(?<![\w-])-m\s+(megatron_bliss(?:\.\w+)*)")
-_NAME_RE = re.compile(r"(?<![\w.])(megatron_bliss(?:\.\w+)+)")
+_NAME_RE = re.compile(r"(?<![\w.])(megatron_bliss(?:\.\w+)+)(?![\w/])")  # not a format tag (``NAME/1``)
 _STAGE_RE = re.compile(r"(?<![\w-])megatron-bliss[ \t]+([a-z][\w-]*)")
 _KEY_RE = re.compile(r"(?<![\w./$-])(--)?([a-z_][a-z0-9_]*(?:\.[A-Za-z0-9_*]+)+)(?!\.?[\w*/])")
 
