@@ -541,9 +541,9 @@ def _overrides(rest: list[str], parser) -> dict:
 def _run(fn) -> int:
     from megatron_bliss.checkpointing import CheckpointError
     from megatron_bliss.config import ConfigError
-    from megatron_bliss.log import setup_logging
+    from megatron_bliss.data.commands import setup_logging
 
-    setup_logging()
+    setup_logging()  # the data tools' logging: the root logger, so the package's records reach any handler there
     try:
         fn()
     except (ExportError, CheckpointError, ConfigError, ValueError, FileNotFoundError) as exc:
