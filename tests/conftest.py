@@ -173,3 +173,12 @@ def single_process():
 
     parallel.initialize(parallel.ParallelConfig(seed=1234))
     yield
+
+
+def preprocess_sample(out_prefix: str, tokens_per_sequence: int, shards: int) -> None:
+    """``tools/preprocess_c4.py`` on the shipped sample with the shipped tokenizer, in sequences mode."""
+    tokenizer = os.path.join(REPO_ROOT, "megatron_bliss", "data", "assets", "default_bpe_8k.model")
+    subprocess.run([sys.executable, "tools/preprocess_c4.py", "--input", "tests/assets/c4_sample", "--output-prefix",
+                    out_prefix, "--tokenizer-model", tokenizer, "--tokens-per-sequence", str(tokens_per_sequence),
+                    "--mode", "sequences", "--shards", str(shards), "--workers", "1", "--no-progress"], check=True,
+                   cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT), capture_output=True)

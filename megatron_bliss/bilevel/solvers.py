@@ -162,6 +162,20 @@ def _start(operator: Callable, g, z0, damping: float) -> tuple:
     return z, r, 1
 
 
+def _cg_step(operator: Callable, p, z, r, rr: float, damping: float, space) -> float | None:
+    """One conjugate-gradient step along p: z += α p and r -= α (C + μI) p with α = rᵀr / pᵀ(C + μI)p (one
+    product); returns α, or None (nothing changed) when pᵀ(C + μI)p ≤ 0."""
+    ap = [c.detach() for c in operator(p)]  # fresh tensors: (C + μI) p in place, no second list
+    _axpy(damping, p, ap)
+    pap = _dot(p, ap, space)
+    if pap <= 0:
+        return None
+    alpha = rr / pap
+    _axpy(alpha, p, z)
+    _axpy(-alpha, ap, r)
+    return alpha
+
+
 def solve_cg(operator: Callable, g: Sequence[torch.Tensor], *, max_steps: int, damping: float, tol: float = 1e-3,
              z0: Sequence[torch.Tensor] | None = None, compute_residual: bool = True) -> SolveResult:
     """Conjugate gradient on (C + μI) z = g.
@@ -187,17 +201,12 @@ def solve_cg(operator: Callable, g: Sequence[torch.Tensor], *, max_steps: int, d
     negative = False
     iterations = 0
     while not converged and iterations < max_steps:
-        ap = [c.detach() for c in operator(p)]  # fresh tensors: (C + μI) p in place, no second list
-        _axpy(damping, p, ap)
+        alpha = _cg_step(operator, p, z, r, rr, damping, space)
         products += 1
         iterations += 1
-        pap = _dot(p, ap, space)
-        if pap <= 0:
+        if alpha is None:
             negative = True
             break
-        alpha = rr / pap
-        _axpy(alpha, p, z)
-        _axpy(-alpha, ap, r)
         rr_new = _dot(r, r, space)
         history.append(rr_new ** 0.5 / g_norm)
         if history[-1] < tol:
@@ -256,20 +265,15 @@ def solve_amortized(operator: Callable, g: Sequence[torch.Tensor], z: Sequence[t
         p = [t.clone() for t in r]
         first = True
         while used < max(products, 1) or first:
-            ap = [c.detach() for c in (call(p) if scale_first is None and first else operator(p))]
-            _axpy(damping, p, ap)
+            alpha = _cg_step(call if scale_first is None and first else operator, p, z, r, rr, damping, space)
             used += 1
-            pap = _dot(p, ap, space)
-            if pap <= 0:
+            if alpha is None:
                 negative = True
                 break
-            alpha = rr / pap
             if first:
                 step_size, first = alpha, False
                 if scale_first is None:
                     scale_first = alpha
-            _axpy(alpha, p, z)
-            _axpy(-alpha, ap, r)
             rr_new = _dot(r, r, space)
             if used >= products:
                 break

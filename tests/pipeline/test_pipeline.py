@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, preprocess_sample
 
 TOKENIZER = os.path.join(REPO_ROOT, "megatron_bliss", "data", "assets", "default_bpe_8k.model")
 
@@ -20,11 +20,7 @@ TOKENIZER = os.path.join(REPO_ROOT, "megatron_bliss", "data", "assets", "default
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline_data")
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-    subprocess.run([sys.executable, "tools/preprocess_c4.py", "--input", "tests/assets/c4_sample", "--output-prefix",
-                    str(out / "c4"), "--tokenizer-model", TOKENIZER, "--tokens-per-sequence", "33",
-                    "--mode", "sequences", "--shards", "2", "--workers", "1", "--no-progress"], check=True,
-                   cwd=REPO_ROOT, env=env,
-                   capture_output=True)
+    preprocess_sample(str(out / "c4"), 33, 2)
     subprocess.run([sys.executable, "tools/prepare_validation.py", "--input", "tests/assets/lambada_sample.jsonl",
                     "--output-prefix", str(out / "lambada"), "--tokenizer-model", TOKENIZER, "--max-length", "32"],
                    check=True, cwd=REPO_ROOT, env=env, capture_output=True)

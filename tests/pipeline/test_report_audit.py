@@ -4,15 +4,13 @@ C4 sample, fake scores and selections for several methods over the same shards, 
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
 from megatron_bliss.data.origins import Span
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, preprocess_sample
 
 TOKENIZER = os.path.join(REPO_ROOT, "megatron_bliss", "data", "assets", "default_bpe_8k.model")
 ROUNDS = 2
@@ -21,11 +19,7 @@ ROUNDS = 2
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("audit_data")
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-    subprocess.run([sys.executable, "tools/preprocess_c4.py", "--input", "tests/assets/c4_sample", "--output-prefix",
-                    str(out / "c4"), "--tokenizer-model", TOKENIZER, "--tokens-per-sequence", "65",
-                    "--mode", "sequences", "--shards", "3", "--workers", "1", "--no-progress"], check=True,
-                   cwd=REPO_ROOT, env=env, capture_output=True)
+    preprocess_sample(str(out / "c4"), 65, 3)
     return [str(out / f"c4_shard{k}") for k in range(3)]
 
 
