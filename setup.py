@@ -69,6 +69,9 @@ def extension_modules():
 
 ext_modules, cmdclass = extension_modules()
 
+EVAL_REQUIRES = ["lm-eval>=0.4.13", "accelerate>=0.26"]
+"""lm-evaluation-harness, and accelerate, which its hf model (on an exported target) imports."""
+
 setup(
     name="megatron_bliss",
     version=read_version(),
@@ -101,8 +104,9 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff==0.17.5"],
-        "eval": ["lm-eval>=0.4.13"],
+        # the tests run the harness end to end, lm-eval's own hf model on an export included
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff==0.17.5", *EVAL_REQUIRES],
+        "eval": EVAL_REQUIRES,
         "gpu": ["transformer-engine[pytorch]>=2.0"],
     },
     entry_points={

@@ -69,6 +69,22 @@ def tokenizer_record(prefix: str) -> dict | None:
     return record if "vocab_size" in record else None
 
 
+def tokenizer_file(prefix: str, setting: str, needed_by: str) -> str:
+    """The tokenizer file that made ``prefix``, as its manifest names it.
+
+    Raises:
+        ValueError: naming ``setting`` and ``needed_by`` (what needs the texts) when no manifest names one, or the
+            file it names is gone.
+    """
+    record = tokenizer_record(prefix)
+    path = (record or {}).get("path")
+    if not path or not os.path.exists(path):
+        raise ValueError(f"{setting} ({prefix}): {needed_by} needs the tokenizer, but the dataset names no tokenizer "
+                         f"file{f' ({path} is missing)' if path else ''}; preprocess it with tools/preprocess_c4.py, "
+                         "which records it")
+    return path
+
+
 def max_token_id(prefix: str) -> int:
     """The largest token id stored in ``prefix`` (-1 when empty), read in blocks."""
     from megatron_bliss.data.indexed import IndexedReader

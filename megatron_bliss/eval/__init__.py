@@ -15,7 +15,8 @@ _EXPORTS = {
     "score_continuations": "lm_eval", "score_windows": "lm_eval", "rolling_loglikelihood": "lm_eval",
     "greedy_generate": "lm_eval", "encode_pair": "lm_eval", "rolling_windows": "lm_eval",
     "continuation_window": "lm_eval", "load_target": "lm_eval", "MegatronBlissLM": "lm_eval",
-    "EvalConfig": "run", "EvalPaths": "run", "BLISS_TASKS": "run", "run_eval": "run", "summarize": "run",
+    "EvalConfig": "run", "HarnessConfig": "run", "EvalPaths": "run", "check_tasks": "run", "BLISS_TASKS": "run",
+    "run_eval": "run", "summarize": "run",
 }
 __all__ = sorted(_EXPORTS)
 

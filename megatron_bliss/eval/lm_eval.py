@@ -228,7 +228,8 @@ def greedy_generate(model, tokenizer, context: str, *, until: Sequence[str] = ()
 
 def load_target(checkpoint: str, model_cfg=None, *, tokenizer_path: str | None = None,
                 device: str | None = None, precision: str = "auto", model_overrides: dict | None = None):
-    """Builds the target GPT of a checkpoint for inference, in this process alone.
+    """Builds the whole target GPT of a checkpoint for inference in this process (under ``torchrun`` every rank
+    builds it, and :class:`MegatronBlissLM` splits the requests over the ranks).
 
     Args:
         checkpoint: an ``iter_*`` checkpoint or a save_dir (its latest).
@@ -269,8 +270,9 @@ def load_target(checkpoint: str, model_cfg=None, *, tokenizer_path: str | None =
         logger.warning("tokenizer has %d ids, model.vocab_size is %d", tokenizer.vocab_size, model_cfg.vocab_size)
     if not ps.model_parallel_is_initialized():
         parallel.initialize(parallel.ParallelConfig())
-    if parallel.world_size() != 1:
-        raise RuntimeError("evaluation runs in a single process; launch it with python, not torchrun")
+    if ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() != 1:
+        raise RuntimeError("evaluation holds the whole model on every rank: initialize megatron_bliss.parallel "
+                           "without tensor or pipeline parallelism (any checkpoint layout loads into it)")
     model = build_gpt(model_cfg)
     ckpt.load_model(resolved, model, model_cfg, role="target")
     if precision not in ("auto", "bf16", "fp32"):
@@ -289,7 +291,10 @@ def _define_adapter():
 
     @register_model("megatron_bliss")
     class MegatronBlissLM(LM):
-        """lm-evaluation-harness model over a megatron_bliss GPT and its tokenizer (single process).
+        """lm-evaluation-harness model over a megatron_bliss GPT and its tokenizer.
+
+        Under ``torchrun`` the harness gives each rank its share of every task's documents; the ranks' results meet
+        through torch.distributed (the rank and collectives below), and rank 0 gets the metrics.
 
         Build it from objects (``MegatronBlissLM(model, tokenizer, seq_length)``) or, through the harness's
         registry, from a checkpoint: ``model_args={"checkpoint": ..., "preset": ..., "tokenizer": ...}`` (any other
@@ -306,6 +311,9 @@ def _define_adapter():
             self.vocab_size = vocab_size or tokenizer.vocab_size
             self.autocast_dtype = autocast_dtype
             self._device = next(model.parameters()).device
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            self._rank = torch.distributed.get_rank() if distributed else 0
+            self._world_size = torch.distributed.get_world_size() if distributed else 1
 
         @classmethod
         def create_from_arg_obj(cls, arg_dict, additional_config=None):
@@ -324,24 +332,53 @@ def _define_adapter():
 
             return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
+        def all_gather(self, tensor):
+            if self._world_size == 1:
+                return tensor
+            parts = [torch.empty_like(tensor) for _ in range(self._world_size)]
+            torch.distributed.all_gather(parts, tensor)
+            return torch.cat([p.reshape(-1) for p in parts]) if tensor.dim() == 0 else torch.cat(parts)
+
+        def gather_object(self, obj, dst=0):
+            if self._world_size == 1:
+                return [obj]
+            out = [None] * self._world_size if self._rank == dst else None
+            torch.distributed.gather_object(obj, out, dst=dst)
+            return out
+
+        def barrier(self) -> None:
+            if self._world_size > 1:
+                torch.distributed.barrier()
+
         def _common(self) -> dict:
             return {"vocab_size": self.vocab_size, "autocast_dtype": self.autocast_dtype}
 
-        def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-            pairs = [tuple(r.args) for r in requests]
-            out = score_continuations(self.model, self.tokenizer, pairs, self.batch_size, self.seq_length,
-                                      add_eod_prefix=self.add_eod_prefix, progress=self.progress, **self._common())
-            for pair, result in zip(pairs, out):
-                self.cache_hook.add_partial("loglikelihood", pair, result)
+        def _in_chunks(self, kind: str, args: list, score) -> list:
+            """``score(args)`` a chunk at a time, handing each chunk's results to the harness's cache as it is
+            done: with ``use_cache``, a killed evaluation resumes after its last finished chunk."""
+            out = []
+            step = self.batch_size * self.CHUNK_BATCHES
+            for a in range(0, len(args), step):
+                part = score(args[a:a + step])
+                for arg, result in zip(args[a:a + step], part):
+                    self.cache_hook.add_partial(kind, arg, result)
+                out += part
             return out
 
+        CHUNK_BATCHES = 16
+        """Batches scored between two cache writes."""
+
+        def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+            return self._in_chunks("loglikelihood", [tuple(r.args) for r in requests],
+                                   lambda pairs: score_continuations(
+                                       self.model, self.tokenizer, pairs, self.batch_size, self.seq_length,
+                                       add_eod_prefix=self.add_eod_prefix, progress=self.progress, **self._common()))
+
         def loglikelihood_rolling(self, requests) -> list[float]:
-            texts = [r.args[0] for r in requests]
-            out = rolling_loglikelihood(self.model, self.tokenizer, texts, self.batch_size, self.seq_length,
-                                        progress=self.progress, **self._common())
-            for text, result in zip(texts, out):
-                self.cache_hook.add_partial("loglikelihood_rolling", (text,), result)
-            return out
+            return self._in_chunks("loglikelihood_rolling", [tuple(r.args[:1]) for r in requests],
+                                   lambda texts: rolling_loglikelihood(
+                                       self.model, self.tokenizer, [t[0] for t in texts], self.batch_size,
+                                       self.seq_length, progress=self.progress, **self._common()))
 
         def generate_until(self, requests) -> list[str]:
             out = []

@@ -43,36 +43,53 @@ class EvalPaths:
 
 
 @dataclass
-class EvalConfig:
-    """One evaluation of one target checkpoint."""
+class HarnessConfig:
+    """How lm-evaluation-harness scores a target: the pipeline's ``eval`` section, and the base of
+    :class:`EvalConfig`."""
 
-    model: ModelConfig | None = None
-    """Target shape; unset uses the config saved in the checkpoint."""
-    tasks: list[str] = field(default_factory=lambda: list(BLISS_TASKS))
-    """lm-evaluation-harness task names (default: the nine BLISS tasks)."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness task names; empty runs no harness evaluation (the pipeline's default)."""
     num_fewshot: int = 0
     """Few-shot examples per prompt (BLISS: zero-shot)."""
     batch_size: int = 16
     """Sequences per forward when scoring."""
     limit: float | None = None
     """Examples per task (a fraction when below 1); for smoke tests only, the scores are then not comparable."""
-    device: str = "auto"
-    """auto | cpu | cuda; cpu hides the GPUs from this process."""
     precision: str = "auto"
     """auto (bf16 autocast on CUDA, fp32 on the CPU) | bf16 | fp32."""
     add_eod_prefix: bool = True
     """Precede every context with the end-of-document id, as a document's first token is in pretraining."""
-    download_only: bool = False
-    """Only load the tasks' datasets (filling the Hugging Face cache for a later offline run), then stop."""
 
     def __post_init__(self):
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto|cpu|cuda, got {self.device!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto|bf16|fp32, got {self.precision!r}")
-        if self.batch_size < 1 or self.num_fewshot < 0 or not self.tasks:
-            raise ValueError("batch_size must be >= 1, num_fewshot >= 0, and tasks not empty")
+        if self.batch_size < 1 or self.num_fewshot < 0:
+            raise ValueError("batch_size must be >= 1 and num_fewshot >= 0")
+        if self.limit is not None and not self.limit > 0:
+            raise ValueError(f"limit must be > 0 (a count, or a fraction below 1), got {self.limit}")
 
+
+@dataclass
+class EvalConfig(HarnessConfig):
+    """One evaluation of one target checkpoint."""
+
+    tasks: list[str] = field(default_factory=lambda: list(BLISS_TASKS))
+    """lm-evaluation-harness task names (default: the nine BLISS tasks)."""
+    model: ModelConfig | None = None
+    """Target shape; unset uses the config saved in the checkpoint."""
+    device: str = "auto"
+    """auto | cpu | cuda; cpu hides the GPUs from this process."""
+    download_only: bool = False
+    """Only load the tasks' datasets (filling the Hugging Face cache for a later offline run), then stop."""
+    overwrite: bool = False
+    """Replace the results already in ``paths.output_dir`` (otherwise such a directory is refused)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto|cpu|cuda, got {self.device!r}")
+        if not self.tasks:
+            raise ValueError("tasks must not be empty")
 
 
 def summarize(results: dict, tasks: Sequence[str]) -> dict:
@@ -121,46 +138,126 @@ def _dataset_errors():
     try:
         yield
     except ConnectionError as exc:
-        raise SystemExit(f"{exc}\nA task's dataset is neither reachable nor cached. Fill the Hugging Face cache on "
-                         "a connected machine (--download_only=true), copy it and set HF_HOME and HF_HUB_OFFLINE=1, "
-                         "or point the task at local files with include_path; see docs/eval.md.") from None
+        raise SystemExit(f"{exc}\nA task's dataset is neither reachable nor cached. {OFFLINE_HINT}") from None
 
 
-def run_eval(cfg: EvalConfig, paths: EvalPaths) -> dict | None:
-    """Evaluates ``paths.checkpoint`` on ``cfg.tasks`` and writes the results; returns the summary (None when
-    ``download_only``)."""
-    if not cfg.download_only and not (paths.checkpoint and paths.output_dir):
-        raise ValueError("set paths.checkpoint and paths.output_dir (or download_only=true)")
+OFFLINE_HINT = ("Fill the Hugging Face cache on a connected machine (python -m megatron_bliss.eval "
+                "--download_only=true --tasks=[...]), copy it and set HF_HOME to it with HF_HUB_OFFLINE=1 and "
+                "HF_DATASETS_OFFLINE=1, or point the task at local files with an include path; see docs/eval.md.")
+
+
+def _task_manager(include_path: str | None):
     try:
-        import lm_eval
-        from lm_eval.tasks import TaskManager, get_task_dict
+        from lm_eval.tasks import TaskManager
     except ImportError:
         raise SystemExit("lm-evaluation-harness is not installed: pip install 'megatron_bliss[eval]'") from None
+    return TaskManager(include_path=include_path)
+
+
+def check_tasks(tasks: Sequence[str], include_path: str | None = None, setting: str = "tasks") -> None:
+    """Loads each task with its dataset (from the Hugging Face cache, or downloaded where allowed); the check a
+    run makes before any model is built or trained.
+
+    Raises:
+        ValueError: naming ``setting``, the task, the dataset and the offline cache variables, for an unknown task
+            or a dataset that is neither cached nor reachable.
+    """
+    manager = _task_manager(include_path)
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        where = f" or under {include_path}" if include_path else ""
+        raise ValueError(f"{setting}: {', '.join(unknown)} is not an lm-evaluation-harness task{where}")
+    for task in tasks:
+        try:
+            manager.load([task])
+        except (ConnectionError, FileNotFoundError) as exc:
+            raise ValueError(f"{setting}: task {task!r} reads a dataset that is neither in the local Hugging Face "
+                             f"cache (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) nor reachable: "
+                             f"{exc}. {OFFLINE_HINT}") from None
+
+
+def _cache_key(checkpoint: str, cfg: HarnessConfig, tokenizer_path: str) -> str:
+    """What a cached request result depends on besides the request: the checkpoint's files, the tokenizer and the
+    scoring settings. A cache under another key is never read."""
+    import hashlib
+
+    files = sorted((name, os.stat(os.path.join(checkpoint, name)).st_size,
+                    os.stat(os.path.join(checkpoint, name)).st_mtime_ns) for name in os.listdir(checkpoint))
+    record = [os.path.abspath(checkpoint), files, os.path.abspath(tokenizer_path), cfg.batch_size, cfg.precision,
+              cfg.add_eod_prefix]
+    return hashlib.sha256(json.dumps(record, default=str).encode()).hexdigest()[:16]
+
+
+RESULT_FILES = ("results.json", "results.md", "config.yaml")
+"""What :func:`run_eval` writes into ``paths.output_dir``."""
+
+
+def run_eval(cfg: HarnessConfig, paths: EvalPaths) -> dict | None:
+    """Evaluates ``paths.checkpoint`` on ``cfg.tasks`` and writes the results; returns the summary (None when
+    ``download_only``).
+
+    Under ``torchrun`` every rank holds the model and scores its share of the requests (data-parallel); rank 0
+    writes. Each rank's finished requests go to ``output_dir/cache/`` as they are scored, so a killed evaluation
+    rerun resumes where it stopped; the cache is removed once the results are written.
+    """
+    from megatron_bliss import parallel
+
+    download_only = getattr(cfg, "download_only", False)
+    if not download_only and not (paths.checkpoint and paths.output_dir):
+        raise ValueError("set paths.checkpoint and paths.output_dir (or download_only=true)")
+    existing = [name for name in RESULT_FILES if os.path.exists(os.path.join(paths.output_dir or "", name))]
+    if existing and not download_only and not getattr(cfg, "overwrite", True):
+        raise ValueError(f"paths.output_dir {paths.output_dir} already holds {', '.join(existing)}: choose another "
+                         "directory, or pass --overwrite=true to replace them")
+    if download_only:
+        check_tasks(cfg.tasks, paths.include_path)
+        logger.info("datasets of %s are in the Hugging Face cache", ", ".join(cfg.tasks))
+        return None
+    import lm_eval
+
     from megatron_bliss.checkpointing import resolve
     from megatron_bliss.config import dump, to_dict
     from megatron_bliss.eval.lm_eval import MegatronBlissLM, load_target
 
-    task_manager = TaskManager(include_path=paths.include_path)
-    if cfg.download_only:
-        with _dataset_errors():
-            get_task_dict(list(cfg.tasks), task_manager)
-        logger.info("datasets of %s are in the Hugging Face cache", ", ".join(cfg.tasks))
-        return None
+    task_manager = _task_manager(paths.include_path)
     model, tokenizer, model_cfg, autocast_dtype = load_target(
-        paths.checkpoint, cfg.model, tokenizer_path=paths.tokenizer, device=cfg.device, precision=cfg.precision)
+        paths.checkpoint, getattr(cfg, "model", None), tokenizer_path=paths.tokenizer,
+        device=getattr(cfg, "device", None), precision=cfg.precision)
     lm = MegatronBlissLM(model, tokenizer, model_cfg.seq_length, cfg.batch_size, add_eod_prefix=cfg.add_eod_prefix,
-                         vocab_size=model_cfg.vocab_size, autocast_dtype=autocast_dtype)
+                         vocab_size=model_cfg.vocab_size, autocast_dtype=autocast_dtype,
+                         progress=parallel.is_rank0())
+    checkpoint = resolve(paths.checkpoint)
+    cache_dir = os.path.join(paths.output_dir, "cache")
+    key = _cache_key(checkpoint, cfg, tokenizer.path)
+    if parallel.is_rank0() and os.path.isdir(cache_dir):  # another checkpoint's or setting's requests
+        for name in os.listdir(cache_dir):
+            if not name.startswith(key):
+                os.remove(os.path.join(cache_dir, name))
+    parallel.barrier()
     with _dataset_errors():
         out = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
-                                      limit=cfg.limit, task_manager=task_manager, log_samples=False)
-    summary = summarize(out["results"], cfg.tasks)
-    os.makedirs(paths.output_dir, exist_ok=True)
-    dump(cfg, os.path.join(paths.output_dir, "config.yaml"), paths=paths)
-    record = {"summary": summary, "checkpoint": os.path.abspath(resolve(paths.checkpoint)),
-              "model": to_dict(model_cfg),
-              "tokenizer": tokenizer.path, "lm_eval_version": getattr(lm_eval, "__version__", None),
-              **{k: v for k, v in out.items() if k != "samples"}}
-    _write_atomic(os.path.join(paths.output_dir, "results.json"), json.dumps(record, indent=1, default=str))
-    _write_atomic(os.path.join(paths.output_dir, "results.md"), markdown_table(summary, out.get("n-samples")))
-    logger.info("mean %s over %d tasks; %s/results.md", summary["mean"], summary["num_tasks"], paths.output_dir)
+                                      limit=cfg.limit, task_manager=task_manager, log_samples=False,
+                                      use_cache=os.path.join(cache_dir, key))
+    summary = None
+    if parallel.is_rank0():
+        summary = summarize(out["results"], cfg.tasks)
+        os.makedirs(paths.output_dir, exist_ok=True)
+        dump(cfg, os.path.join(paths.output_dir, "config.yaml"), paths=paths)
+        record = {"summary": summary, "checkpoint": os.path.abspath(checkpoint), "model": to_dict(model_cfg),
+                  "tokenizer": tokenizer.path, "lm_eval_version": getattr(lm_eval, "__version__", None),
+                  "world_size": parallel.world_size(), **{k: v for k, v in out.items() if k != "samples"}}
+        _write_atomic(os.path.join(paths.output_dir, "results.json"), json.dumps(record, indent=1, default=str))
+        _write_atomic(os.path.join(paths.output_dir, "results.md"), markdown_table(summary, out.get("n-samples")))
+        logger.info("mean %s over %d tasks; %s/results.md", summary["mean"], summary["num_tasks"], paths.output_dir)
+    parallel.barrier()
+    if parallel.is_rank0():
+        import shutil
+
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    if parallel.world_size() > 1:
+        import torch.distributed as dist
+
+        box = [summary]
+        dist.broadcast_object_list(box, src=0)
+        summary = box[0]
     return summary

@@ -333,6 +333,14 @@ def run_facts(checkpoint: str, meta: dict, run_dir: str | None) -> dict:
                 facts["data_checksums"] = {str(k): str(v) for k, v in sorted(inputs.items())}
             if isinstance(manifest, dict) and manifest.get("config_hash"):
                 facts["config_hash"] = manifest["config_hash"]
+            phases = manifest.get("phases") if isinstance(manifest, dict) else None
+            if isinstance(phases, dict) and "round" in facts:  # the round's evaluation branch and its harness run
+                branch = (phases.get(f"round{facts['round']}/eval") or {}).get("info") or {}
+                harness = (phases.get(f"round{facts['round']}/lm_eval") or {}).get("info") or {}
+                if branch.get("val_loss") is not None:
+                    facts["val_loss"] = float(branch["val_loss"])
+                if harness.get("lm_eval"):
+                    facts["lm_eval"] = harness["lm_eval"]
         facts["run_dir"] = os.path.abspath(run_dir)
     return facts
 
@@ -361,6 +369,14 @@ def model_card(cfg: ModelConfig, facts: dict, tokenizer: dict) -> str:
     if "tokens_seen" in facts:
         lines.append(f"  ({facts['step']} steps x {facts['global_batch_size']} sequences x "
                      f"{facts['seq_length']} tokens)")
+    if "val_loss" in facts or "lm_eval" in facts:
+        from megatron_bliss.eval.run import markdown_table
+
+        lines += ["", f"## Evaluation (round {facts['round']}'s evaluation branch)", ""]
+        if "val_loss" in facts:
+            lines += [f"- validation loss: {facts['val_loss']:.4f} nats/token (the run's validation set)", ""]
+        if "lm_eval" in facts:
+            lines += ["lm-evaluation-harness, percent:", "", markdown_table(facts["lm_eval"]).rstrip()]
     if facts.get("data_checksums"):
         lines += ["", "## Data (sha256 of the run's inputs)", ""]
         lines += [f"- `{k}`: `{v}`" for k, v in facts["data_checksums"].items()]

@@ -189,16 +189,10 @@ def gradsim_score_fn(proxy, val_tokens: np.ndarray, val_mask: np.ndarray, micro_
 
 # ---------------------------------------------------------------------------------------------------------- dsir
 def _decoder(prefix: str, setting: str):
-    from megatron_bliss.data.provenance import tokenizer_record
+    from megatron_bliss.data.provenance import tokenizer_file
     from megatron_bliss.data.tokenizer import build_tokenizer
 
-    record = tokenizer_record(prefix)
-    path = (record or {}).get("path")
-    if not path or not os.path.exists(path):
-        raise ValueError(f"{setting} ({prefix}): dsir needs the texts, but the dataset names no tokenizer file to "
-                         f"decode them with{f' ({path} is missing)' if path else ''}; preprocess it with "
-                         "tools/preprocess_c4.py, which records it")
-    return build_tokenizer(path)
+    return build_tokenizer(tokenizer_file(prefix, setting, "dsir, which reads the texts,"))
 
 
 def check_texts(prefix: str, setting: str) -> None:

@@ -88,3 +88,49 @@ def test_registered_model_through_simple_evaluate(saved_target, task_dir):
                                   task_manager=TaskManager(include_path=str(task_dir / "tiny_mc"),
                                                            include_defaults=False), log_samples=False)
     assert set(out["results"]["tiny_mc"]) >= {"acc,none", "acc_norm,none"}
+
+
+def test_existing_results_refused_unless_overwrite(saved_target, task_dir, tmp_path):
+    args = [f"--paths.checkpoint={saved_target}", "--tasks=[tiny_mc]", f"--paths.include_path={task_dir}",
+            f"--paths.output_dir={tmp_path / 'out'}"]
+    run_eval(*load_stage_config(EvalConfig, EvalPaths, None, args))
+    before = (tmp_path / "out" / "results.json").read_text()
+    with pytest.raises(ValueError, match="already holds results.json.*--overwrite=true"):
+        run_eval(*load_stage_config(EvalConfig, EvalPaths, None, args))
+    assert (tmp_path / "out" / "results.json").read_text() == before
+    run_eval(*load_stage_config(EvalConfig, EvalPaths, None, args + ["--overwrite=true"]))
+
+
+def test_killed_evaluation_resumes_from_its_cache(saved_target, task_dir, tmp_path, monkeypatch):
+    """A run that dies after its first chunk of requests keeps that chunk: the rerun scores only the rest and
+    gives the results of an uninterrupted run."""
+    from megatron_bliss.eval import lm_eval as adapter
+
+    args = [f"--paths.checkpoint={saved_target}", "--tasks=[tiny_mc, sciq]", f"--paths.include_path={task_dir}",
+            "--batch_size=2"]
+    clean = run_eval(*load_stage_config(EvalConfig, EvalPaths, None, args + [
+        f"--paths.output_dir={tmp_path / 'clean'}"]))
+    monkeypatch.setattr(adapter.MegatronBlissLM, "CHUNK_BATCHES", 3)  # chunks of 6 requests
+    real, scored = adapter.score_continuations, []
+
+    def dies_after_one_chunk(model, tokenizer, pairs, *a, **kw):
+        if scored:
+            raise KeyboardInterrupt("killed")
+        scored.append(len(pairs))
+        return real(model, tokenizer, pairs, *a, **kw)
+
+    monkeypatch.setattr(adapter, "score_continuations", dies_after_one_chunk)
+    out = [f"--paths.output_dir={tmp_path / 'out'}"]
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(*load_stage_config(EvalConfig, EvalPaths, None, args + out))
+    assert scored == [6] and len(os.listdir(tmp_path / "out" / "cache")) == 1
+
+    def counts(model, tokenizer, pairs, *a, **kw):
+        scored.append(len(pairs))
+        return real(model, tokenizer, pairs, *a, **kw)
+
+    monkeypatch.setattr(adapter, "score_continuations", counts)
+    resumed = run_eval(*load_stage_config(EvalConfig, EvalPaths, None, args + out))
+    total = 8 * 4 + 4 * 4  # tiny_mc: 8 questions, sciq: 4, four choices each
+    assert sum(scored[1:]) == total - 6
+    assert resumed == clean and not os.path.exists(tmp_path / "out" / "cache")

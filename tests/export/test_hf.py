@@ -199,3 +199,48 @@ def test_export_of_tp2_pp2_checkpoint(single_process, tmp_path):
     err = relative_error(our_logits(model, tokens), hf_logits(out, tokens))
     print(f"logits relative error (TP=2/PP=2 checkpoint): {err:.3g}")
     assert err < 1e-5, err
+
+
+def test_card_shows_the_rounds_evaluation(exported, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "round1" / "eval").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("run:\n  method: random\n  rounds: 1\n")
+    summary = {"tasks": {"tiny_mc": {"acc": 0.5, "acc_norm": 0.625, "metric": "acc_norm", "value": 0.625}},
+               "mean": 0.625, "num_tasks": 1}
+    phases = {"round1/eval": {"info": {"val_loss": 6.5}}, "round1/lm_eval": {"info": {"lm_eval": summary}}}
+    (run_dir / "manifest.json").write_text(json.dumps({"config_hash": "h", "phases": phases}))
+    facts = hf.run_facts(str(run_dir / "round1" / "eval" / "iter_0000003"), {"step": 3}, str(run_dir))
+    assert facts["round"] == 1 and facts["val_loss"] == 6.5 and facts["lm_eval"]["mean"] == 0.625
+    card = hf.model_card(CFG, facts, {"kind": "sentencepiece", "vocab_size": 8000, "sha256": "x", "eos": 0})
+    assert "## Evaluation (round 1's evaluation branch)" in card and "validation loss: 6.5000" in card
+    assert "| tiny_mc |" in card and "62.50" in card
+
+
+def test_lm_eval_hf_model_on_the_export_matches_our_adapter(exported):
+    """lm-eval's own ``hf`` model on the export and our adapter on the same weights: the same loglikelihood of
+    every request of a local task, and the same accuracy. Our adapter is given the padded vocabulary (the export's
+    softmax covers the padding rows too) and no document-start prefix (the hf model adds none)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (pip install 'megatron_bliss[eval]')")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from megatron_bliss.eval.lm_eval import MegatronBlissLM
+
+    tasks = os.path.join(REPO_ROOT, "tests", "eval", "assets", "tiny_mc")
+    theirs = HFLM(pretrained=exported["dir"], dtype="float32", device="cpu", batch_size=4)
+    ours = MegatronBlissLM(exported["model"], build_tokenizer(DEFAULT_TOKENIZER), CFG.seq_length, 4,
+                           add_eod_prefix=False, vocab_size=CFG.padded_vocab_size(), progress=False)
+    out = {}
+    for name, lm in (("hf", theirs), ("ours", ours)):
+        out[name] = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc"], task_manager=TaskManager(include_path=tasks),
+                                            log_samples=True)
+    samples = {name: sorted(o["samples"]["tiny_mc"], key=lambda s: s["doc_id"]) for name, o in out.items()}
+    a = torch.tensor([r[0][0] for s in samples["ours"] for r in s["resps"]], dtype=torch.float64)
+    b = torch.tensor([r[0][0] for s in samples["hf"] for r in s["resps"]], dtype=torch.float64)
+    assert a.shape == b.shape and a.numel() == 32  # 8 questions x 4 choices
+    err = float(((a - b).abs() / b.abs()).max())
+    print(f"loglikelihood relative error, ours vs lm-eval hf on the export: {err:.3g}")
+    assert err < 1e-5, err
+    for metric in ("acc,none", "acc_norm,none"):
+        assert out["ours"]["results"]["tiny_mc"][metric] == out["hf"]["results"]["tiny_mc"][metric]
