@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 from megatron_bliss.bilevel.config import BilevelConfig
+from megatron_bliss.eval.run import HarnessConfig
 from megatron_bliss.models.presets import ModelConfig
 from megatron_bliss.parallel import ParallelConfig
 from megatron_bliss.pretrain.config import OptimConfig, TrainConfig
@@ -58,6 +59,9 @@ class PipelinePaths:
     """Validation prefix with its loss mask (tools/prepare_validation.py): the upper objective and the eval loss."""
     scores: list[str] = field(default_factory=list)
     """``run.method=scores``: one ``.npy`` per round (round 1 first), float scores aligned with that round's shard."""
+    eval_include_path: str | None = None
+    """Directory of extra lm-evaluation-harness task YAMLs that ``eval.tasks`` may name (local datasets, or stock
+    tasks pointed at local files)."""
 
     def check(self, cfg: PipelineRunConfig) -> None:
         """Checks against the run's config; raises ValueError naming the settings."""
@@ -77,6 +81,10 @@ class PipelinePaths:
                              f"run.rounds={cfg.run.rounds} needs one per round (round 1 first)")
         if cfg.run.method != "scores" and self.scores:
             raise ValueError(f"paths.scores is set but run.method={cfg.run.method}: only run.method=scores reads it")
+        if self.eval_include_path and not os.path.isdir(self.eval_include_path):
+            raise ValueError(f"paths.eval_include_path: {self.eval_include_path} is not a directory")
+        if self.eval_include_path and not cfg.eval.tasks:
+            raise ValueError("paths.eval_include_path is set but eval.tasks is empty: only eval.tasks reads it")
 
 
 @dataclass
@@ -166,6 +174,8 @@ class PipelineRunConfig:
     """``run.method=cosine``: the validation centroid."""
     gradsim: GradSimConfig = field(default_factory=GradSimConfig)
     """``run.method=gradsim``: the validation gradient and the directional derivative."""
+    eval: HarnessConfig = field(default_factory=HarnessConfig)
+    """lm-evaluation-harness accuracy of every round's evaluation branch (``eval.tasks``; empty: none)."""
 
     def validate(self) -> None:
         """Cross-section checks, naming the settings."""
@@ -189,7 +199,8 @@ class PipelineRunConfig:
         have no proxy; dsir and scores do not run ``scoring``'s batches; each baseline reads only its own section;
         the random baseline takes only the subset size from ``selection``), and settings that change no output
         (where the forcing, checkpoint and logging cadence, the number of rounds: round r never depends on later
-        rounds, so a run can be extended). The input files come in through :func:`manifest_hash`.
+        rounds, so a run can be extended), and ``eval`` while it names no task. The input files come in through
+        :func:`manifest_hash`.
         """
         from megatron_bliss.config import to_dict
 
@@ -198,6 +209,8 @@ class PipelineRunConfig:
             d["run"].pop(key)
         for key in ("log_interval", "tensorboard", "save_interval", "keep_checkpoints"):
             d["bilevel"].pop(key)
+        if not self.eval.tasks:
+            d.pop("eval")
         method = self.run.method
         for section in ("dsir", "cosine", "gradsim"):
             if section != method:
@@ -223,4 +236,6 @@ def manifest_hash(cfg: PipelineRunConfig, paths: PipelinePaths) -> str:
     record = {"config": cfg.fingerprint(), "shards": list(paths.shards), "valid_prefix": paths.valid_prefix}
     if paths.scores:
         record["scores"] = list(paths.scores)
+    if paths.eval_include_path:
+        record["eval_include_path"] = paths.eval_include_path
     return config_hash(record)

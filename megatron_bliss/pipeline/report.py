@@ -4,9 +4,10 @@
 
 It reads only what the runs wrote (manifest, metrics.jsonl of each target phase, scores.npy of each round) and
 shows: validation loss against target tokens (the main run's periodic validation and each round's evaluation
-branch), score histograms per round, and time and FLOPs per phase with the selection share of the total. With two or
-more runs it adds the comparison: evaluation-branch loss per round side by side, and how many target tokens each run
-needed to reach the last run's final evaluation loss.
+branch), score histograms per round, and time and FLOPs per phase with the selection share of the total; for a run
+with ``eval.tasks``, each round's lm-evaluation-harness accuracies (per task and their mean) and a plot of the mean
+against target tokens. With two or more runs it adds the comparison: evaluation-branch loss (and mean accuracy) per
+round side by side, and how many target tokens each run needed to reach the last run's final evaluation loss.
 
 The selection audit (:func:`audit`) adds, per round and run, what was selected from the round's shard
 (``paths.shards[r]``): the share of tokens by source (the shard's provenance sidecar, read through
@@ -67,7 +68,7 @@ def collect_run(run_dir: str) -> dict:
     tokens_per_step = cfg["train"]["global_batch_size"] * cfg["target"]["seq_length"]
     rounds = cfg["run"]["rounds"]
     phases = manifest["phases"]
-    curve, evals, hists = [], [], {}
+    curve, evals, accuracy, hists = [], [], [], {}
     for r in range(rounds + 1):
         for rec in _read_jsonl(os.path.join(run_dir, f"round{r}", "target", "metrics.jsonl")):
             if rec.get("val_loss") is not None:
@@ -77,6 +78,11 @@ def collect_run(run_dir: str) -> dict:
             branch = _read_jsonl(os.path.join(run_dir, f"round{r}", "eval", "metrics.jsonl"))
             step = branch[-1]["step"] if branch else 0
             evals.append({"round": r, "tokens": step * tokens_per_step, "val_loss": float(entry["info"]["val_loss"])})
+            harness = (phases.get(f"round{r}/lm_eval") or {}).get("info", {}).get("lm_eval")
+            if harness:
+                accuracy.append({"round": r, "tokens": step * tokens_per_step, "mean": harness["mean"],
+                                 "tasks": {task: row.get("value") for task, row in harness["tasks"].items()},
+                                 "metrics": {task: row.get("metric") for task, row in harness["tasks"].items()}})
         scores_path = os.path.join(run_dir, f"round{r}", "scores", "scores.npy")
         if os.path.isfile(scores_path):
             hists[r] = np.load(scores_path).astype(np.float32, copy=False)
@@ -89,7 +95,7 @@ def collect_run(run_dir: str) -> dict:
     shards = (cfg.get("paths") or {}).get("shards") or []
     return {
         "run_dir": run_dir, "method": cfg["run"]["method"], "rounds": rounds, "finished_phases": len(phases),
-        "val_curve": sorted(curve), "eval": evals, "scores": hists, "phases": phase_rows,
+        "val_curve": sorted(curve), "eval": evals, "accuracy": accuracy, "scores": hists, "phases": phase_rows,
         "selection_share_time": sum(p["seconds"] for p in sel) / total_s,
         "selection_share_flops": sum(p["flops"] for p in sel) / total_f,
         "shards": {r: shards[r] for r in range(min(rounds + 1, len(shards)))},
@@ -447,6 +453,20 @@ def _plots(runs: list, out_dir: str) -> list:
     files.append("val_loss.png")
     fig.savefig(os.path.join(out_dir, files[-1]), dpi=110)
     plt.close(fig)
+    acc_runs = [run for run in runs if any(a["mean"] is not None for a in run["accuracy"])]
+    if acc_runs:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for run in acc_runs:
+            points = [(a["tokens"], 100 * a["mean"]) for a in run["accuracy"] if a["mean"] is not None]
+            ax.plot(*zip(*points), "o-", label=run.get("label", run["method"]))
+        ax.set_xlabel("target training tokens")
+        ax.set_ylabel("mean accuracy over eval.tasks (%)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        files.append("accuracy.png")
+        fig.savefig(os.path.join(out_dir, files[-1]), dpi=110)
+        plt.close(fig)
     hist_runs = [run for run in runs if run["scores"]]
     if hist_runs:
         rounds = sorted({r for run in hist_runs for r in run["scores"]})
@@ -487,6 +507,7 @@ def _markdown(runs: list, summary: dict, plots: list, audit_rounds: list = ()) -
                   f"{100 * run['selection_share_flops']:.1f} % of FLOPs (bilevel FLOPs estimated).", "",
                   "| round | eval-branch tokens | eval-branch val loss |", "|---|---|---|"]
         lines += [f"| {e['round']} | {e['tokens']:,} | {e['val_loss']:.4f} |" for e in run["eval"]]
+        lines += _accuracy_table(run["accuracy"])
         lines += ["", "| phase | kind | seconds | FLOPs |", "|---|---|---|---|"]
         lines += [f"| {p['phase']} | {p['kind']} | {p['seconds']:.1f} | {p['flops']:.3g} |" for p in run["phases"]]
         lines.append("")
@@ -497,6 +518,13 @@ def _markdown(runs: list, summary: dict, plots: list, audit_rounds: list = ()) -
         for rd in rounds:
             vals = [next((f"{e['val_loss']:.4f}" for e in r["eval"] if e["round"] == rd), "-") for r in runs]
             lines.append(f"| {rd} | " + " | ".join(vals) + " |")
+        acc_rounds = sorted({a["round"] for r in runs for a in r["accuracy"]})
+        if acc_rounds:
+            lines += ["", "Mean lm-evaluation-harness accuracy (%) of each round's evaluation branch:", "",
+                      "| round | " + " | ".join(r["method"] for r in runs) + " |", "|---|" + "---|" * len(runs)]
+            for rd in acc_rounds:
+                vals = [next((_pct(a["mean"]) for a in r["accuracy"] if a["round"] == rd), "-") for r in runs]
+                lines.append(f"| {rd} | " + " | ".join(vals) + " |")
         if summary.get("tokens_to_reach"):
             lines += ["", f"Target tokens to reach the last run's ({runs[-1]['method']}) final main-run validation "
                       f"loss {summary['reference_loss']:.4f}:", ""]
@@ -506,6 +534,24 @@ def _markdown(runs: list, summary: dict, plots: list, audit_rounds: list = ()) -
     lines += _audit_markdown(audit_rounds, "scores.png" in plots)
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _accuracy_table(accuracy: list) -> list:
+    """One run's harness accuracies (%): a row per round, a column per task (its reported metric) and the mean."""
+    if not accuracy:
+        return []
+    tasks = list(dict.fromkeys(task for a in accuracy for task in a["tasks"]))
+    metrics = {task: next(a["metrics"][task] for a in accuracy if task in a["metrics"]) for task in tasks}
+    lines = ["", "| round | eval-branch tokens | " + " | ".join(f"{t} ({metrics[t]})" for t in tasks) + " | mean |",
+             "|---|---|" + "---|" * (len(tasks) + 1)]
+    for a in accuracy:
+        cells = [_pct(a["tasks"].get(task)) for task in tasks]
+        lines.append(f"| {a['round']} | {a['tokens']:,} | " + " | ".join(cells) + f" | {_pct(a['mean'])} |")
+    return lines
 
 
 def _fmt(value, spec: str = ".3f") -> str:

@@ -6,10 +6,11 @@ unfinished phase, and each phase resumes from its own checkpoints inside). Layou
 
     manifest.json  config.yaml  report/
     round0/warmup_subset.{bin,idx}   target/ (iter_*, metrics)   proxy/   eval/
-    round{r}/bilevel/ (checkpoints, score/)   scores/scores.npy   subset.{bin,idx}   target/   eval/
+    round{r}/bilevel/ (checkpoints, score/)   scores/scores.npy   subset.{bin,idx}   target/   eval/   lm_eval/
 
 The random baseline (``run.method=random``) runs the same schedule with a seeded random subset of the same size and
-no bilevel or scoring phase.
+no bilevel or scoring phase. With ``eval.tasks`` set, every round's evaluation branch is then scored by
+lm-evaluation-harness (``round{r}/lm_eval``: results.json, results.md; the summary also in the manifest).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class BlissPipeline:
         phases = [(phase_key(0, "warmup_subset"), self.warmup_subset, self._dataset_files(self.paths.shards[0])),
                   (phase_key(0, "target"), self.warmup_target, subset0 + valid),
                   (phase_key(0, "eval"), lambda: self.eval_branch(0), [p0["target"], *subset0, *valid])]
+        phases += self._lm_eval_phases(0)
         method = c.run.method
         if method in PROXY_METHODS:
             phases.append((phase_key(0, "proxy"), self.warmup_proxy, subset0 + valid))
@@ -110,7 +112,14 @@ class BlissPipeline:
             phases += [(phase_key(r, "select"), lambda r=r: self.select(r), scores + shard),
                        (phase_key(r, "target"), lambda r=r: self.round_target(r), [*subset, prev["target"], *valid]),
                        (phase_key(r, "eval"), lambda r=r: self.eval_branch(r), [p["target"], *subset, *valid])]
+            phases += self._lm_eval_phases(r)
         return phases
+
+    def _lm_eval_phases(self, r: int) -> list:
+        """Round r's harness evaluation of its evaluation branch, when ``eval.tasks`` names any."""
+        if not self.cfg.eval.tasks:
+            return []
+        return [(phase_key(r, "lm_eval"), lambda: self.lm_eval(r), [self._paths(r)["eval"]])]
 
     def _external_inputs(self) -> list[str]:
         """The files the run reads from outside its directory: the shards of its rounds and the validation set."""
@@ -166,7 +175,7 @@ class BlissPipeline:
         return {"target": os.path.join(d, "target"), "eval": os.path.join(d, "eval"),
                 "bilevel": os.path.join(d, "bilevel"), "score": os.path.join(d, "bilevel", "score"),
                 "scores": os.path.join(d, "scores"), "subset": os.path.join(d, "subset" if r else "warmup_subset"),
-                "proxy": os.path.join(d, "proxy")}
+                "proxy": os.path.join(d, "proxy"), "lm_eval": os.path.join(d, "lm_eval")}
 
     def warmup_subset(self) -> dict:
         from megatron_bliss.data.subsets import write_subset
@@ -302,6 +311,25 @@ class BlissPipeline:
         return {"kind": "eval", "steps": c.steps.eval_branch_steps, "val_loss": metrics.get("val_loss"),
                 "flops": _lm_flops(c.target, c.steps.eval_branch_steps, c.train), "outputs": [p["eval"]]}
 
+    def lm_eval(self, r: int) -> dict:
+        """Round r's evaluation branch on ``eval.tasks`` through lm-evaluation-harness, data-parallel over every
+        rank (each holds the whole target); a killed evaluation resumes from its request cache."""
+        from megatron_bliss.eval.run import EvalPaths, run_eval
+
+        p = self._paths(r)
+        parallel.initialize(_data_parallel(self.cfg))
+        summary = run_eval(self.cfg.eval, EvalPaths(checkpoint=p["eval"], tokenizer=self._tokenizer(),
+                                                    output_dir=p["lm_eval"],
+                                                    include_path=self.paths.eval_include_path))
+        return {"kind": "eval", "lm_eval": summary, "flops": 0.0,
+                "outputs": [os.path.join(p["lm_eval"], name) for name in ("results.json", "results.md")]}
+
+    def _tokenizer(self) -> str:
+        """The tokenizer file the shards were made with (their manifest names it): the harness's text to ids."""
+        from megatron_bliss.data.provenance import tokenizer_file
+
+        return tokenizer_file(self.paths.shards[0], "paths.shards[0]", "eval.tasks (lm-evaluation-harness)")
+
     # ------------------------------------------------------------------------------------------------- checks
     def _preflight(self) -> None:
         """Builds every phase's configuration as the phase will and checks it, with the data, before any phase
@@ -346,6 +374,11 @@ class BlissPipeline:
             except ValueError as exc:
                 raise ValueError(_in_pipeline_terms(f"round1/score: {exc}", proxy=True)) from None
         self._preflight_method(sizes)
+        if c.eval.tasks:  # every task's dataset, from the local cache, before hours of training
+            from megatron_bliss.eval.run import check_tasks
+
+            self._tokenizer()
+            check_tasks(c.eval.tasks, self.paths.eval_include_path, "eval.tasks")
 
     def _preflight_method(self, sizes: list) -> None:
         """The baselines' inputs, checked before any phase: the user's score files (length, dtype, NaN), the

@@ -4,7 +4,6 @@ registry. No network: both tasks read files under tests/eval/assets."""
 
 import json
 import os
-import re
 
 import pytest
 
@@ -14,9 +13,7 @@ lm_eval = pytest.importorskip(
 from megatron_bliss.checkpointing import save_model
 from megatron_bliss.config import load_stage_config
 from megatron_bliss.eval.run import EvalConfig, EvalPaths, run_eval
-from tests.eval.conftest import tiny_config
-
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+from tests.eval.conftest import local_tasks, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -31,24 +28,7 @@ def saved_target(tiny_target, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
-    """The local tiny_mc task, plus the stock sciq task with its dataset replaced by local JSON files (the recipe of
-    docs/eval.md for running a BLISS task offline)."""
-    import shutil
-
-    import lm_eval.tasks
-
-    root = tmp_path_factory.mktemp("tasks")
-    shutil.copytree(os.path.join(ASSETS, "tiny_mc"), root / "tiny_mc")
-    with open(os.path.join(os.path.dirname(lm_eval.tasks.__file__), "sciq", "sciq.yaml")) as f:
-        stock = f.read()
-    data = os.path.join(ASSETS, "sciq_sample.jsonl")
-    local = (f"dataset_path: json\ndataset_kwargs:\n  cache_dir: {root / 'hf_cache'}\n  data_files:\n"
-             + "".join(f"    {split}: {data}\n" for split in ("train", "validation", "test")))
-    stock = re.sub(r"^dataset_path:.*\n", local, stock, flags=re.M)
-    os.makedirs(root / "sciq")
-    with open(root / "sciq" / "sciq.yaml", "w") as f:
-        f.write(re.sub(r"^dataset_name:.*\n", "", stock, flags=re.M))
-    return root
+    return local_tasks(tmp_path_factory.mktemp("tasks"))
 
 
 def test_run_eval_writes_results(saved_target, task_dir, tmp_path):
