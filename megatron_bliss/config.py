@@ -261,6 +261,46 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, description: str 
         parser.error(str(exc))
 
 
+def pop_dry_run_options(argv: Sequence[str]) -> tuple:
+    """Takes the dry-run flags (``--run.dry_run``, ``--run.gpu_memory_gb``, ``--run.world_size``: the fields of
+    :class:`megatron_bliss.plan.DryRunOptions`) out of a stage's command line, so that they work for every stage
+    whether or not its config has a ``run`` section.
+
+    A bare ``--run.dry_run`` means true; ``--run.key=value`` and ``--run.key value`` both work.
+
+    Returns:
+        ``(DryRunOptions, the remaining arguments)``.
+
+    Raises:
+        ConfigError naming a bad value, or a memory or world size given without ``--run.dry_run``.
+    """
+    from megatron_bliss.plan import DryRunOptions
+
+    names = {f"run.{f.name}" for f in dataclasses.fields(DryRunOptions)}
+    taken, rest = [], []
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        key, eq, _ = arg[2:].partition("=")
+        if not (arg.startswith("--") and key.replace("-", "_") in names):
+            rest.append(arg)
+        elif eq:
+            taken.append(arg)
+        elif i + 1 < len(items) and not items[i + 1].startswith("--"):
+            taken += [arg, items[i + 1]]
+            i += 1
+        elif key.replace("-", "_") == "run.dry_run":
+            taken.append(f"{arg}=true")
+        else:
+            raise ConfigError(f"override {arg!r} has no value")
+        i += 1
+    options = from_dict(DryRunOptions, parse_overrides(taken).get("run", {}), "run")
+    if not options.dry_run and (options.gpu_memory_gb is not None or options.world_size is not None):
+        raise ConfigError("run.gpu_memory_gb and run.world_size plan a dry run: add --run.dry_run=true")
+    return options, rest
+
+
 def run_stage(config_cls: type, paths_cls: type, run: str, argv: Sequence[str] | None, *, prog: str,
               description: str, log_level=None, prepare=None) -> int:
     """The body of every stage's ``main``: parse ``(config, paths)``, set up logging, run, tear down.
@@ -268,6 +308,10 @@ def run_stage(config_cls: type, paths_cls: type, run: str, argv: Sequence[str] |
     Under ``torchrun`` each rank stops when its launcher dies (:func:`megatron_bliss.launch.watch_launcher`). When
     ``paths_cls`` names a ``lock_field`` (the stage's output directory), rank 0 locks that directory for the whole
     run, and a launch on a directory that a live job holds exits at once naming the holder.
+
+    With ``--run.dry_run=true`` (:func:`pop_dry_run_options`) nothing runs: the stage's plan is printed
+    (:func:`megatron_bliss.plan.dry_run`: models, memory per GPU, steps, tokens, FLOPs) and a plan over
+    ``--run.gpu_memory_gb`` exits 1 naming the phase.
 
     Args:
         config_cls / paths_cls: the stage's root config and its ``paths`` section (see :func:`load_stage_config`).
@@ -282,12 +326,28 @@ def run_stage(config_cls: type, paths_cls: type, run: str, argv: Sequence[str] |
         The process exit code (0).
     """
     import importlib
+    import sys
     import warnings
 
     from megatron_bliss import launch
     from megatron_bliss.log import setup_logging
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        options, argv = pop_dry_run_options(argv)
+    except ConfigError as exc:
+        raise SystemExit(f"{prog}: error: {exc}") from None
+    if options.dry_run:  # the configs' own checks (batch vs data-parallel size) read the launcher's world size
+        os.environ["WORLD_SIZE"] = str(options.resolved_world_size())
     cfg, paths = parse_cli(config_cls, argv, description, prog=prog, paths_cls=paths_cls)
+    if options.dry_run:
+        from megatron_bliss.plan import dry_run
+
+        warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+        try:
+            return dry_run(cfg, paths, options, title=" ".join([prog, *argv]))
+        except ValueError as exc:
+            raise SystemExit(f"{prog}: error: {exc}") from None
     from megatron_bliss import parallel  # after parsing: --help and usage errors stay fast
 
     launch.watch_launcher()

@@ -47,8 +47,10 @@ STAGE_SECTIONS = (
     ("paths", "megatron_bliss.pretrain.config:PretrainPaths"),
     ("paths", "megatron_bliss.eval.run:EvalPaths"),
     ("paths", "megatron_bliss.pipeline.config:PipelinePaths"),
+    ("run", "megatron_bliss.plan:DryRunOptions"),
 )
-"""Sections a stage loads beside its root (``parse_cli(..., paths_cls=...)``): the files the stage reads and writes."""
+"""Sections a stage loads beside its root (``parse_cli(..., paths_cls=...)``): the files the stage reads and writes;
+and the dry-run flags every stage takes (``run_stage``)."""
 
 TOP_DIRS = ("megatron_bliss", "tools", "examples", "docs", "bench", "tests", "scripts", "csrc", ".ci")
 TOP_FILES = ("setup.py", "pyproject.toml", "README.md")

@@ -32,4 +32,4 @@ def test_example_config_loads(path):
 
 def test_there_are_examples():
     names = {os.path.basename(p) for p in CONFIGS}
-    assert {"bliss_tiny_cpu.yaml", "bliss_410m.yaml", "bliss_1b.yaml"} <= names
+    assert {"bliss_tiny_cpu.yaml", "bliss_410m.yaml", "bliss_1b.yaml", "bliss_2.8b.yaml"} <= names
