@@ -23,7 +23,7 @@ model at 16 bytes per parameter (weights, gradients, AdamW m and v), the frozen 
 at 4, and proxy-sized solver vectors (:data:`SOLVER_VECTORS`, plus the validation gradient) at 4 each.
 
 Steps, tokens and FLOPs are the pipeline's own arithmetic (:func:`megatron_bliss.pipeline.rounds._lm_flops`,
-``BlissPipeline._bilevel_flops``, and :func:`megatron_bliss.models.presets.model_flops_per_token` for scoring);
+``BlissPipeline._bilevel_flops`` and :func:`megatron_bliss.pipeline.rounds.score_flops`);
 phases the pipeline builds are built by its own config builders, so the plan is of the configurations the phases
 will run.
 """
@@ -326,17 +326,18 @@ def plan_bilevel(cfg, world: int, *, key: str = "bilevel") -> PhasePlan:
                      memory=memory)
 
 
-def plan_score(cfg, world: int, sequences: int, *, key: str = "score", passes: int = 1,
-               output_layer: bool = False, source: str = "") -> PhasePlan:
+def plan_score(cfg, world: int, sequences: int, *, key: str = "score", method: str = "bliss",
+               source: str = "") -> PhasePlan:
     """Plan of scoring ``sequences`` sequences (:class:`megatron_bliss.score.config.ScoreRunConfig`).
 
     Args:
-        passes / output_layer: forward passes per sequence and whether they run the LM head (as the pipeline
-            counts them: 1 and no head for the score model and the cosine baseline, 3 with the head for gradsim).
+        method: the pipeline's scoring method; gradsim runs the LM head
+            (:func:`megatron_bliss.pipeline.rounds.score_flops` counts the passes).
         source: where the count came from, for the printed line.
     """
-    from megatron_bliss.models.presets import model_flops_per_token
+    from megatron_bliss.pipeline.rounds import score_flops
 
+    output_layer = method == "gradsim"
     cfg.validate()
     m, s = cfg.model, cfg.scoring
     tp = cfg.parallel.tensor_model_parallel_size
@@ -348,7 +349,7 @@ def plan_score(cfg, world: int, sequences: int, *, key: str = "score", passes: i
     if output_layer:
         acts += 3 * activation_bytes(m, s.micro_batch_size, m.num_layers, tp=tp, backend=backend, value_bytes=4)
     memory = [RankMemory(ranks=_rank_range(0, world), parameters=params, weights=4 * params, activations=acts)]
-    flops = passes * model_flops_per_token(m, output_layer=output_layer) / 3 * sequences * m.seq_length
+    flops = score_flops(m, method, sequences)
     what = (f"scoring ({m.preset}; tp {tp} dp {dp}, micro-batch {s.micro_batch_size}, "
             f"{'bf16 autocast' if s.bf16 else 'fp32'}, {sequences:,} sequences{source})")
     return PhasePlan(key=key, kind="selection", what=what, steps=math.ceil(sequences / (s.micro_batch_size * dp)),
@@ -424,9 +425,8 @@ def plan_pipeline(cfg, paths, world: int) -> list[PhasePlan]:
                 count = round(c.steps.target_round_steps * c.train.global_batch_size / c.selection.fraction)
                 source = ": steps.target_round_steps x train.global_batch_size / selection.fraction"
             scfg = ScoreRunConfig(model=c.proxy, parallel=_data_parallel(c), scoring=c.scoring)
-            gradsim = method == "gradsim"
-            phases.append(_dedupe(plan_score(scfg, world, count, key=f"round{r}/score", passes=3 if gradsim else 1,
-                                             output_layer=gradsim, source=source), ("score",), cache))
+            phases.append(_dedupe(plan_score(scfg, world, count, key=f"round{r}/score", method=method,
+                                             source=source), ("score",), cache))
         elif method in ("dsir", "scores"):
             phases.append(PhasePlan(key=f"round{r}/score", kind="selection", what=f"{method} scores on rank 0's CPU",
                                     steps=0, tokens=0, flops=0.0))

@@ -58,6 +58,13 @@ def _lm_flops(model: ModelConfig, steps: int, train_cfg) -> float:
     return model_flops_per_token(model) * tokens
 
 
+def score_flops(proxy: ModelConfig, method: str, sequences: int) -> float:
+    """Estimated FLOPs of scoring ``sequences`` sequences of a shard by ``method``: one forward of the score model
+    (bliss) or of the proxy without its LM head (cosine); gradsim, three with the head (a jvp, or two forwards)."""
+    passes = 3 if method == "gradsim" else 1
+    return passes * model_flops_per_token(proxy, output_layer=method == "gradsim") / 3 * sequences * proxy.seq_length
+
+
 class BlissPipeline:
     """Builds and runs the phases of one run directory in order, skipping those the manifest records as done."""
 
@@ -255,9 +262,8 @@ class BlissPipeline:
         outputs = [path]
         if method == "bliss" and r > 1:
             outputs.append(self._previous_model_scores(r))
-        passes = {"bliss": 1, "cosine": 1, "gradsim": 3}[method]  # gradsim: a jvp, or two forwards with the LM head
-        flops = passes * model_flops_per_token(c.proxy, output_layer=method == "gradsim") / 3 * n * c.proxy.seq_length
-        return {"kind": "selection", "method": method, "sequences": n, "flops": flops, "outputs": outputs}
+        return {"kind": "selection", "method": method, "sequences": n, "flops": score_flops(c.proxy, method, n),
+                "outputs": outputs}
 
     def _previous_model_scores(self, r: int) -> str:
         """``scores/previous_model.npy``: the first ``scoring.chunk_size`` sequences of shard r scored by round
