@@ -385,6 +385,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, out_dir: str, name: str, files: list) -> None:
+    """Writes a finished figure as ``out_dir/name`` and lists it in ``files``."""
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, name), dpi=110)
+    plt.close(fig)
+    files.append(name)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
 
@@ -424,12 +432,9 @@ def _audit_plots(rounds: list, out_dir: str) -> list:
             ax.set_title(f"{entry['label']}: round {rnd['round']} tokens by source")
             ax.legend()
             ax.grid(alpha=0.3, axis="x")
-            fig.tight_layout()
             name = f"sources_round{rnd['round']}_{_slug(entry['label'])}.png"
-            fig.savefig(os.path.join(out_dir, name), dpi=110)
-            plt.close(fig)
+            _save(plt, fig, out_dir, name, files)
             entry["sources_plot"] = name
-            files.append(name)
     return files
 
 
@@ -449,10 +454,7 @@ def _plots(runs: list, out_dir: str) -> list:
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    files.append("val_loss.png")
-    fig.savefig(os.path.join(out_dir, files[-1]), dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out_dir, "val_loss.png", files)
     acc_runs = [run for run in runs if any(a["mean"] is not None for a in run["accuracy"])]
     if acc_runs:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -463,10 +465,7 @@ def _plots(runs: list, out_dir: str) -> list:
         ax.set_ylabel("mean accuracy over eval.tasks (%)")
         ax.legend()
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        files.append("accuracy.png")
-        fig.savefig(os.path.join(out_dir, files[-1]), dpi=110)
-        plt.close(fig)
+        _save(plt, fig, out_dir, "accuracy.png", files)
     hist_runs = [run for run in runs if run["scores"]]
     if hist_runs:
         rounds = sorted({r for run in hist_runs for r in run["scores"]})
@@ -478,10 +477,7 @@ def _plots(runs: list, out_dir: str) -> list:
                     ax.hist(values[np.isfinite(values)], bins=40, alpha=0.5, label=run.get("label", run["method"]))
             ax.set_title(f"round {r} scores")
             ax.legend(fontsize="small")
-        fig.tight_layout()
-        files.append("scores.png")
-        fig.savefig(os.path.join(out_dir, files[-1]), dpi=110)
-        plt.close(fig)
+        _save(plt, fig, out_dir, "scores.png", files)
     fig, ax = plt.subplots(figsize=(7, 0.35 * sum(len(r["phases"]) for r in runs) + 1.2))
     labels, secs = [], []
     for run in runs:
@@ -491,10 +487,7 @@ def _plots(runs: list, out_dir: str) -> list:
     ax.barh(labels, secs)
     ax.invert_yaxis()
     ax.set_xlabel("seconds")
-    fig.tight_layout()
-    files.append("phases.png")
-    fig.savefig(os.path.join(out_dir, files[-1]), dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out_dir, "phases.png", files)
     return files
 
 
