@@ -32,6 +32,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from megatron_bliss import compat, parallel
+from megatron_bliss.ops import multi_tensor as _mt
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +97,10 @@ def module_forward(module, call: Callable) -> Callable[[Sequence[torch.Tensor] |
 
 # ----------------------------------------------------------------------------------------------- tensor-list helpers
 def dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ_k ⟨x_k, y_k⟩ in float64 (this process's tensors; see :class:`ParamSpace` under tensor parallelism)."""
-    return sum((x.double() * y.double()).sum() for x, y in zip(xs, ys))
+    """Σ_k ⟨x_k, y_k⟩ in float64 (this process's tensors; see :class:`ParamSpace` under tensor parallelism), in one
+    multi-tensor call."""
+    xs, ys = list(xs), list(ys)
+    return _mt.multi_tensor_dot(xs, ys).sum() if xs else torch.zeros((), dtype=torch.float64)
 
 
 def norm(xs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -127,10 +130,9 @@ class ParamSpace:
         """Σ_k ⟨x_k, y_k⟩ over the whole model, in float64."""
         if self.group is None:
             return dot(xs, ys)
-        parts = torch.zeros(2, dtype=torch.float64, device=xs[0].device)
-        for x, y, shard in zip(xs, ys, self.sharded):
-            parts[int(shard)] += (x.double() * y.double()).sum()
-        return parts[0] + self._reduce(parts[1:])[0]
+        per = _mt.multi_tensor_dot(list(xs), list(ys))
+        mask = torch.tensor(self.sharded, device=per.device)
+        return per[~mask].sum() + self._reduce(per[mask].sum())
 
     def norm(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         """‖x‖ over the whole model, in float64."""
@@ -138,7 +140,7 @@ class ParamSpace:
 
     def tensor_norms(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         """``[n]`` float64 norm of each whole tensor (a shard's norm combined over the group)."""
-        squares = torch.stack([torch.linalg.vector_norm(x.double()) ** 2 for x in xs]) if xs else torch.zeros(0)
+        squares = _mt.multi_tensor_norm(list(xs)) ** 2 if xs else torch.zeros(0, dtype=torch.float64)
         if self.group is not None:
             mask = torch.tensor(self.sharded, device=squares.device)
             squares = torch.where(mask, self._reduce(squares * mask), squares)
@@ -294,8 +296,8 @@ class _KeptFeatures:
         """J·v from J_h·v (``h_tangent``) and the head's part of v."""
         weight = self.params[self.head].detach()
         h = self.h.detach().reshape(-1, weight.shape[1])
-        jv = torch.cat([h, h_tangent.reshape(-1, weight.shape[1]).to(weight.dtype)], 1) @ torch.cat(
-            [v[self.head].to(weight.dtype), weight], 1).t()  # one matmul: h v_Wᵀ + (J_h v) Wᵀ
+        jv = h @ v[self.head].to(weight.dtype).t()  # h v_Wᵀ, then + (J_h v) Wᵀ into the same buffer
+        jv.addmm_(h_tangent.reshape(-1, weight.shape[1]).to(weight.dtype), weight.t())
         return jv.view(self.out.shape)
 
     def vjp(self, w) -> Tensors:

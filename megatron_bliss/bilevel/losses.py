@@ -24,7 +24,7 @@ import torch
 
 from megatron_bliss import parallel
 from megatron_bliss.data.loader import split_next_token
-from megatron_bliss.models.gpt import gpt_features
+from megatron_bliss.models.gpt import apply_output_layer, gpt_features
 from megatron_bliss.ops import lm_loss
 from megatron_bliss.ops import reference as ref
 
@@ -184,21 +184,30 @@ def validation_loss(proxy, tokens: torch.Tensor, loss_mask: torch.Tensor, group=
                     local: bool = False):
     """F on one validation micro-batch: CE over the masked (continuation) tokens.
 
+    The output layer and the loss run only at the masked positions (a LAMBADA-style example scores its final word,
+    a few of its tokens), so the vocabulary-sized work is that of the scored tokens, not of every position.
+
     Returns ``(loss_for_grad, mean_ce)``: ``loss_for_grad`` is this rank's share scaled so that the data-parallel
     mean of its gradient is the gradient of the global token mean; ``mean_ce`` is the global token-mean CE (detached).
     With ``local`` both are this rank's own token mean (no communication).
     """
     group = resolve_group(group)
     inputs, labels, mask = split_next_token(tokens, loss_mask)
-    logits = gpt_features(proxy, inputs)[1]
-    mask = mask.to(logits.dtype if logits.dtype == torch.float64 else torch.float32)
-    counts = mask.sum(dim=1)
-    total = counts.sum() if local else parallel.all_reduce(counts.sum().clone(), group)
+    h = gpt_features(proxy, inputs, logits=False)[0]
+    mask = mask.to(h.dtype if h.dtype == torch.float64 else torch.float32)
+    chosen = mask > 0
+    m = mask[chosen]  # [n]: the scored positions' weights (LAMBADA-style: the final word's tokens only)
+    total = m.sum() if local else parallel.all_reduce(m.sum().clone(), group)
     total = total.clamp_min(1.0)
     dp = 1 if local else parallel.group_size(group)
-    # the masked token mean as the fused weighted loss: P_i = n_i / N makes R Σ P_i CE_i = R Σ_it m_it ce_it / N
-    loss, ce, _ = weighted_lm_objective(logits, labels, counts / total, None, 0.0, dp, tp_group, mask)
-    mean = (counts * ce.detach()).sum() / total
+    if m.numel() == 0:  # nothing scored on this rank: a zero loss that still reaches every parameter
+        zero = h.sum() * 0.0
+        return zero, parallel.all_reduce(zero.detach().clone(), group) if not local else zero.detach()
+    # the output layer only at the scored positions, each its own one-token row of weight m_t / N:
+    # R Σ_t (m_t / N) ce_t is the masked token mean, and its gradient that of the full logits' masked mean
+    logits = apply_output_layer(proxy, h[chosen])[:, None]
+    loss, ce, _ = weighted_lm_objective(logits, labels[chosen][:, None], m / total, None, 0.0, dp, tp_group)
+    mean = (m * ce.detach()).sum() / total
     if not local:
         mean = parallel.all_reduce(mean.clone(), group)
     return loss, mean

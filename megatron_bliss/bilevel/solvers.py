@@ -7,8 +7,9 @@
   products. It needs C + μI positive definite: with the indefinite Hessian it stops at the first direction of
   non-positive curvature (reported as ``negative_curvature``); with Gauss-Newton curvature it converges.
 
-Both return a :class:`SolveResult` with the relative residual ‖(C + μI) z − g‖ / ‖g‖. The tensor-list arithmetic uses
-:mod:`megatron_bliss.ops.multi_tensor` when it is present (fused dot/norm/update) and plain torch otherwise.
+Both return a :class:`SolveResult` with the relative residual ‖(C + μI) z − g‖ / ‖g‖. The tensor-list arithmetic is
+:mod:`megatron_bliss.ops.multi_tensor`'s (fused dot/norm/update on the compiled kernels, their torch references
+without them).
 """
 
 from __future__ import annotations
@@ -19,21 +20,14 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_bliss import parallel
-from megatron_bliss.bilevel.hvp import dot as _dot_ref
-from megatron_bliss.bilevel.hvp import norm as _norm_ref
-
-try:  # one call per list instead of a Python loop over parameters (compiled when megatron_bliss._C is built)
-    from megatron_bliss.ops import multi_tensor as _mt
-except ImportError:  # a checkout without the ops package: plain torch below
-    _mt = None
+from megatron_bliss.bilevel.hvp import dot as _local_dot
+from megatron_bliss.ops import multi_tensor as _mt  # one call per list (compiled when megatron_bliss._C is built)
 
 
 def _dot(xs, ys, space=None) -> float:
     if space is not None and space.group is not None:  # tensor-parallel shards: reduced over the group
         return float(space.dot(xs, ys))
-    if _mt is not None:
-        return float(_mt.multi_tensor_dot(list(xs), list(ys)).sum())
-    return float(_dot_ref(xs, ys))
+    return float(_local_dot(xs, ys))
 
 
 def _norm(xs, space=None) -> float:
@@ -41,9 +35,7 @@ def _norm(xs, space=None) -> float:
 
 
 def _local_norm(xs) -> float:
-    if _mt is not None:
-        return float(torch.linalg.vector_norm(_mt.multi_tensor_norm(list(xs))))
-    return float(_norm_ref(xs))
+    return float(torch.linalg.vector_norm(_mt.multi_tensor_norm(list(xs)))) if len(xs) else 0.0
 
 
 @dataclass
@@ -90,7 +82,7 @@ def relative_residual(operator: Callable, z, g, damping: float) -> float:
 @torch.no_grad()
 def _sgd_update(z, cz, g, damping: float, lr: float, normalize: bool, space=None) -> None:
     sharded = space is not None and space.group is not None
-    if _mt is not None and not sharded:
+    if not sharded:
         _mt.multi_tensor_z_update(cz, g, z, damping, lr, 1.0 if normalize else float("inf"))
         return
     v = [ck + damping * zk - gk for zk, ck, gk in zip(z, cz, g)]
@@ -132,21 +124,13 @@ def solve_sgd(operator: Callable, g: Sequence[torch.Tensor], *, steps: int, lr: 
 @torch.no_grad()
 def _axpy(alpha: float, xs, ys) -> None:
     """y ← y + α x."""
-    if _mt is not None:
-        _mt.multi_tensor_axpby(ys, ys, xs, 1.0, alpha)
-        return
-    for x, y in zip(xs, ys):
-        y.add_(x, alpha=alpha)
+    _mt.multi_tensor_axpby(ys, ys, xs, 1.0, alpha)
 
 
 @torch.no_grad()
 def _axpby_into(p, r, beta: float) -> None:
     """p ← r + β p."""
-    if _mt is not None:
-        _mt.multi_tensor_axpby(p, r, p, 1.0, beta)
-        return
-    for pk, rk in zip(p, r):
-        pk.mul_(beta).add_(rk)
+    _mt.multi_tensor_axpby(p, r, p, 1.0, beta)
 
 
 def _start(operator: Callable, g, z0, damping: float) -> tuple:

@@ -193,15 +193,7 @@ def gpt_features(model, tokens: torch.Tensor, call=None, logits: bool = True) ->
 
     def stop(module, args):
         h = args[0].transpose(0, 1)
-        out = None
-        if logits:
-            x = h
-            if parallel.tensor_parallel_size() > 1:
-                from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
-                x = copy_to_tensor_model_parallel_region(h)
-            out = F.linear(x, module.weight)
-        raise _Features(h, out)
+        raise _Features(h, apply_output_layer(model, h) if logits else None)
 
     handle = layer.register_forward_pre_hook(stop)
     try:
@@ -211,6 +203,18 @@ def gpt_features(model, tokens: torch.Tensor, call=None, logits: bool = True) ->
     finally:
         handle.remove()
     raise RuntimeError("the model's forward never reached its output layer")
+
+
+def apply_output_layer(model, h: torch.Tensor) -> torch.Tensor:
+    """``h Wᵀ`` of the model's output layer on hidden states of any leading shape (``[b, s, hidden]``, or the
+    ``[n, hidden]`` rows of chosen positions), as megatron-core's ``ColumnParallelLinear`` computes it without
+    sequence parallelism: under tensor parallelism ``h`` enters the tensor-parallel region (its gradient is summed
+    over the group) and the result is this rank's vocabulary shard."""
+    if parallel.tensor_parallel_size() > 1:
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        h = copy_to_tensor_model_parallel_region(h)
+    return F.linear(h, output_layer(model).weight)
 
 
 def output_layer(model):

@@ -35,11 +35,37 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def _direct_val_loss(proxy, tokens, loss_mask):
+    """The masked token mean of the CE, from the full logits of every position: the obviously right F."""
+    from megatron_bliss.models import gpt_logits
+
+    logits = gpt_logits(proxy, tokens[:, :-1])
+    ce = -torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, 1:, None])[..., 0]
+    m = loss_mask[:, 1:].to(ce.dtype)
+    return (ce * m).sum() / m.sum()
+
+
+def test_validation_loss_at_the_scored_positions_equals_the_full_logits(setup):
+    """F and ∇F from the output layer at the masked positions only equal the full logits' masked mean (float64),
+    with a sparse, fractional mask and a row that scores nothing."""
+    proxy, _, _, val, _ = setup
+    mask = torch.zeros_like(val["loss_mask"], dtype=torch.float64)
+    mask[0, -3:] = 1.0
+    mask[1, 5:7] = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    params = list(proxy.parameters())
+    loss, mean = validation_loss(proxy, val["tokens"], mask)
+    ref_loss = _direct_val_loss(proxy, val["tokens"], mask)
+    assert abs(float(mean) - float(ref_loss)) < 1e-12 * float(ref_loss)
+    assert _rel(torch.autograd.grad(loss, params), torch.autograd.grad(ref_loss, params)) < 1e-12
+    loss, mean = validation_loss(proxy, val["tokens"], torch.zeros_like(mask))  # nothing scored
+    assert float(mean) == 0.0 and all(float(g.abs().max()) == 0.0 for g in
+                                      torch.autograd.grad(loss, params, allow_unused=True) if g is not None)
+
+
 def _dense_reference(proxy, score, tokens, val, tl, curvature, mu):
     """−∂θs ⟨∇θp G(θp, θs), z*⟩ with z* = (C + μI)⁻¹ ∇f from a dense solve; G differentiated through P(θs)."""
     params = list(proxy.parameters())
-    loss, _ = validation_loss(proxy, val["tokens"], val["loss_mask"])
-    g = tiny.flat(torch.autograd.grad(loss, params))
+    g = tiny.flat(torch.autograd.grad(_direct_val_loss(proxy, val["tokens"], val["loss_mask"]), params))
     with torch.no_grad():
         weights, _ = sequence_weights(score(tokens))
     obj = tiny.objective(proxy, tokens, weights, tl, GAMMA, REG)
@@ -181,8 +207,7 @@ def test_amortized_steps_on_a_fixed_batch_converge_to_the_dense_solve(setup):
     mu = 0.5
     _, z_ref, _ = _dense_reference(proxy, score, tokens, val, tl, "gauss_newton", mu)
     params = list(proxy.parameters())
-    loss, _ = validation_loss(proxy, val["tokens"], val["loss_mask"])
-    g = list(torch.autograd.grad(loss, params))
+    g = list(torch.autograd.grad(_direct_val_loss(proxy, val["tokens"], val["loss_mask"]), params))
     with torch.no_grad():
         weights, _ = sequence_weights(score(tokens))
     config = _exact_config(curvature="gauss_newton", damping=mu, solver="amortized", solver_steps=1, cg_tol=1e-14)
