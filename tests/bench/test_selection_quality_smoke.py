@@ -14,7 +14,8 @@ from tests.conftest import REPO_ROOT
 def test_selection_quality_smoke(tmp_path):
     cmd = [sys.executable, os.path.join(REPO_ROOT, "bench", "selection_quality.py"), "--corpus", "sample",
            "--quick", "--outer-steps", "2", "--warmup-steps", "3", "--target-steps", "3", "--threads", "1",
-           "--skip", "influence", "bliss-sgd", "bliss-amortized", "random-2", "--work-dir", str(tmp_path)]
+           "--skip", "influence", "bliss-sgd", "bliss-amortized", "bliss-amortized-shared", "random-2",
+           "--work-dir", str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
