@@ -57,6 +57,27 @@ def _ancestors() -> set[int]:
     return pids
 
 
+def processes_with(name: str, value: str) -> dict[int, str]:
+    """pid -> environment (NUL-separated) of every live process whose environment sets ``name=value`` (zombies have
+    none): how a test finds the processes of a job it started, however deep they were forked."""
+    needle, found = f"\0{name}={value}\0".encode(), {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            environ = _proc_read(int(entry), "environ")
+            if environ and needle in b"\0" + environ + b"\0":
+                found[int(entry)] = environ.decode(errors="replace")
+    return found
+
+
+def kill_processes(pids) -> None:
+    """SIGKILL each of ``pids`` that is still there."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def marked_processes() -> dict[int, str]:
     """pid -> command line of every live process (zombies excluded) started by this session, other than this
     process, its ancestors and its own multiprocessing helpers."""

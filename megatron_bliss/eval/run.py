@@ -181,8 +181,8 @@ def _cache_key(checkpoint: str, cfg: HarnessConfig, tokenizer_path: str) -> str:
     scoring settings. A cache under another key is never read."""
     import hashlib
 
-    files = sorted((name, os.stat(os.path.join(checkpoint, name)).st_size,
-                    os.stat(os.path.join(checkpoint, name)).st_mtime_ns) for name in os.listdir(checkpoint))
+    stats = {name: os.stat(os.path.join(checkpoint, name)) for name in os.listdir(checkpoint)}
+    files = sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats.items())
     record = [os.path.abspath(checkpoint), files, os.path.abspath(tokenizer_path), cfg.batch_size, cfg.precision,
               cfg.add_eod_prefix]
     return hashlib.sha256(json.dumps(record, default=str).encode()).hexdigest()[:16]

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT, free_port, kill_processes, processes_with
 from tests.pipeline.test_pipeline import _args, data_dir  # noqa: F401  (the module's data fixture)
 
 JOB_MARKER = "MEGATRON_BLISS_TEST_JOB"
@@ -29,19 +29,8 @@ def _launch(data, run_dir, log, token: str, *extra: str) -> subprocess.Popen:
 
 
 def _job_processes(token: str) -> dict[int, str]:
-    """pid -> environ of every live process of the job marked ``token`` (zombies have no environ)."""
-    needle, found = f"\0{JOB_MARKER}={token}\0".encode(), {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = b"\0" + f.read() + b"\0"
-        except OSError:
-            continue
-        if needle in environ:
-            found[int(entry)] = environ.decode(errors="replace")
-    return found
+    """pid -> environ of every live process of the job marked ``token``."""
+    return processes_with(JOB_MARKER, token)
 
 
 def _wait_for(log, text: str, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -55,11 +44,7 @@ def _wait_for(log, text: str, proc: subprocess.Popen, timeout: float = 300) -> N
 
 
 def _kill_job(token: str) -> None:
-    for pid in _job_processes(token):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    kill_processes(_job_processes(token))
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the ranks")

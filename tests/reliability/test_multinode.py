@@ -17,7 +17,6 @@ rank's checkpoint-writer helpers) and so that a timeout leaves nothing behind.
 import glob
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import pytest
 import yaml
 
 from tests.bilevel import realtext
-from tests.conftest import REPO_ROOT, free_port, run_torchrun
+from tests.conftest import REPO_ROOT, free_port, kill_processes, processes_with, run_torchrun
 from tests.pretrain.conftest import SEQ, common_args
 from tests.pretrain.textdata import build_text_data
 
@@ -54,25 +53,12 @@ _UNTIMED = ("step_time_s", "tokens_per_s", "tflops_per_device", "mfu")
 
 
 def _marked(token: str) -> list[int]:
-    """pids of the live processes (zombies have no environ) whose environment carries ``token``."""
-    needle, found = f"\0{NODE_MARKER}={token}\0".encode(), []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if needle in b"\0" + f.read() + b"\0":
-                        found.append(int(entry))
-            except OSError:
-                continue
-    return found
+    """pids of the live processes whose environment carries ``token``."""
+    return list(processes_with(NODE_MARKER, token))
 
 
 def _kill_marked(token: str) -> None:
-    for pid in _marked(token):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    kill_processes(_marked(token))
 
 
 class Node:
