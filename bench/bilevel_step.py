@@ -18,8 +18,9 @@ the extension has them) and unfused (the reference autograd graph); nothing else
 Time: after a warm-up, ``--repeats`` pairs of (plain step, variant step) are timed back to back (CUDA: synchronized)
 and the ratio is the median of the per-pair ratios, which a drifting machine load cancels. Memory: the peak of the
 tensors one step allocates (after a warm-up step), isolated from the rest of the process by bench/memory.py (CUDA:
-the allocator's statistics; CPU: a count of tensor storages as operators create and free them). Prints a table,
-then a last line with the headline ratios.
+the allocator's statistics; CPU: a count of tensor storages as operators create and free them). The FLOPs column is
+the step's arithmetic floor in forward+backward units (:mod:`megatron_bliss.bilevel.cost`): what the time ratio
+would be if only matmul FLOPs cost. Prints a table, then a last line with the headline ratios.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ VARIANTS = {
     "exact/gauss_newton amortized K=1": ("exact", "gauss_newton", "jvp", "amortized", 1, False),
     "finite_difference/gauss_newton amortized K=1": ("finite_difference", "gauss_newton", "finite_difference",
                                                      "amortized", 1, False),
+    "exact/gauss_newton amortized K=1 (SDPA attention)": ("exact", "gauss_newton", "jvp", "amortized", 1, False),
     "exact/gauss_newton amortized K=1 shared-inner": ("exact", "gauss_newton", "jvp", "amortized", 1, True),
     "finite_difference/gauss_newton amortized K=1 shared-inner": (
         "finite_difference", "gauss_newton", "finite_difference", "amortized", 1, True),
@@ -83,7 +85,8 @@ def run_one(args) -> dict:
     from megatron_bliss.models.presets import get_preset
     from megatron_bliss.ops import lm_loss
 
-    backend = "local" if args.variant == "plain" or VARIANTS[args.variant][0] == "exact" else args.fused_backend
+    fused = args.variant != "plain" and (VARIANTS[args.variant][0] == "finite_difference" or "SDPA" in args.variant)
+    backend = args.fused_backend if fused else "local"
     cfg = get_preset(args.preset, seq_length=args.seq, attention_backend=backend)
     rng = np.random.default_rng(0)
     n = args.micro_batch * 64
@@ -133,7 +136,13 @@ def run_one(args) -> dict:
     peak = peak_tensor_bytes(step, "cuda" if torch.cuda.is_available() else "cpu")[1]
     # interleave with the plain step and take the median of per-pair ratios: robust to a drifting machine load
     pairs = [(_timed(plain), _timed(step)) for _ in range(args.repeats)]
-    return {"variant": args.variant, "seconds": statistics.median(t for _, t in pairs),
+    floor = None
+    if args.variant != "plain":
+        from megatron_bliss.bilevel.cost import outer_step_flops
+
+        floor = outer_step_flops(cfg, b, engine=trainer.engine.engine, mixed_term=trainer.engine.mixed_term,
+                                 val_scored=args.val_scored or None).ratio
+    return {"variant": args.variant, "seconds": statistics.median(t for _, t in pairs), "flops_ratio": floor,
             "plain_seconds": statistics.median(p for p, _ in pairs),
             "ratio": statistics.median(t / p for p, t in pairs), "peak_bytes": peak,
             "device": str(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"),
@@ -183,11 +192,12 @@ def main() -> None:
           f"{plain['threads']} threads, validation loss on the last "
           f"{args.val_scored or args.seq} tokens of each sequence; plain fwd+bwd {plain['seconds'] * 1e3:.1f} ms, "
           f"{plain['peak_bytes'] / 2 ** 20:.1f} MiB")
-    print("| outer step (1 inner step; K=3 unless named) | loss | ms | x fwd+bwd | MiB | x memory |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| outer step (1 inner step; K=3 unless named) | loss | ms | x fwd+bwd | FLOPs x | MiB | x memory |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for (name, loss), r in rows.items():
         r["memory_ratio"] = r["peak_bytes"] / max(plain["peak_bytes"], 1)
         print(f"| {name} | {fused_name if loss == 'fused' else loss} | {r['seconds'] * 1e3:.1f} | {r['ratio']:.2f} | "
+              f"{r['flops_ratio']:.2f} | "
               f"{r['peak_bytes'] / 2 ** 20:.1f} | {r['memory_ratio']:.2f} |")
     parts = []
     for loss in args.losses.split(","):

@@ -201,7 +201,10 @@ class BilevelRunConfig:
         if tp > 1 and b.hvp_engine == "exact":
             raise ValueError("bilevel.hvp_engine=exact with tensor_model_parallel_size > 1: double backward through "
                              "megatron-core's TP collectives is silently wrong; use finite_difference or auto")
-        if b.hvp_engine == "exact" and self.proxy.attention_backend in ("sdpa", "te"):
-            raise ValueError(f"bilevel.hvp_engine=exact with proxy.attention_backend={self.proxy.attention_backend}: "
-                             "fused attention has no double backward; use attention_backend=local or "
-                             "hvp_engine=finite_difference")
+        backend = self.proxy.attention_backend
+        if b.hvp_engine == "exact" and (backend == "te" or (backend == "sdpa" and b.curvature != "gauss_newton")):
+            raise ValueError(f"bilevel.hvp_engine=exact with proxy.attention_backend={backend}"
+                             + ("" if backend == "te" else f" and bilevel.curvature={b.curvature}")
+                             + ": fused attention has no double backward; use attention_backend=local"
+                             + ("" if backend == "te" else " or curvature=gauss_newton")
+                             + ", or hvp_engine=finite_difference")

@@ -534,20 +534,26 @@ def resolve_engine(hvp_engine: str, mixed_term: str, curvature: str, *, attentio
     Raises:
         ValueError naming the setting when the requested engine cannot be right here.
     """
-    fused = attention_backend in ("sdpa", "te")
-    half = params_dtype in (torch.float16, torch.bfloat16)
-    exact_blockers = []
-    if fused:
-        exact_blockers.append(f"attention_backend={attention_backend} (fused attention has no double backward or "
-                              "forward-mode AD)")
+    # forward-mode AD runs through local attention and through SDPAttention (unfused while a dual level is open);
+    # double backward only through local attention. Gauss-Newton products need forward mode alone.
+    forward_blockers, second_order_blockers = [], []
+    if attention_backend == "te":
+        forward_blockers.append("attention_backend=te (Transformer Engine's attention has no forward-mode AD or "
+                                "double backward)")
+    elif attention_backend == "sdpa":
+        second_order_blockers.append("attention_backend=sdpa (fused attention has no double backward; Gauss-Newton "
+                                     "curvature needs only forward-mode AD, which it supports)")
     if tp_size > 1:
-        exact_blockers.append(f"tensor_model_parallel_size={tp_size} (double backward and forward AD through "
-                              "megatron-core's TP collectives are wrong or unsupported)")
+        forward_blockers.append(f"tensor_model_parallel_size={tp_size} (double backward and forward AD through "
+                                "megatron-core's TP collectives are wrong or unsupported)")
+    exact_blockers = forward_blockers + (second_order_blockers if curvature != "gauss_newton" else [])
+    half = params_dtype in (torch.float16, torch.bfloat16)
     if hvp_engine == "auto":
         if exact_blockers:
             engine, reason = "finite_difference", "exact products impossible: " + "; ".join(exact_blockers)
         else:
-            engine, reason = "exact", "local attention at TP=1 supports double backward and forward AD"
+            engine, reason = "exact", (f"{attention_backend} attention at TP=1 supports forward-mode AD"
+                                       + (" and double backward" if attention_backend == "local" else ""))
     else:
         engine, reason = hvp_engine, "requested"
     if engine == "exact" and exact_blockers:
@@ -557,10 +563,10 @@ def resolve_engine(hvp_engine: str, mixed_term: str, curvature: str, *, attentio
         raise ValueError(f"bilevel.hvp_engine=finite_difference with {params_dtype} parameters: central differences "
                          "need fp32/fp64 weights")
     if mixed_term == "auto":
-        mixed_term = "jvp" if not exact_blockers else "finite_difference"
-    elif mixed_term == "jvp" and exact_blockers:
-        raise ValueError("bilevel.mixed_term=jvp needs forward-mode AD, impossible with " + "; ".join(exact_blockers)
-                         + ": use finite_difference")
+        mixed_term = "jvp" if not forward_blockers else "finite_difference"
+    elif mixed_term == "jvp" and forward_blockers:
+        raise ValueError("bilevel.mixed_term=jvp needs forward-mode AD, impossible with "
+                         + "; ".join(forward_blockers) + ": use finite_difference")
     if mixed_term == "jvp":
         compat.enable_forward_ad()  # the fallback when the operator cannot give J·z from its kept graph
     return EngineChoice(engine, mixed_term, reason)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from megatron_bliss import parallel
@@ -43,6 +44,26 @@ def resolve_attention_backend(requested: str) -> str:
     return requested
 
 
+def forward_mode_active() -> bool:
+    """Whether a forward-mode AD pass (a ``forward_ad.dual_level`` or a ``torch.func`` transform) is running: fused
+    attention kernels have no rule for it."""
+    return fwAD._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                      dropout: float = 0.0) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + causal mask) v`` on ``[b, heads, s, head_dim]`` by plain operators (what SDPA
+    computes, with forward-mode and double-backward rules). Future positions are filled with −inf, so they
+    contribute exactly zero, as in the fused kernels."""
+    s = q.shape[-2]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    future = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+    probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    if dropout:
+        probs = F.dropout(probs, dropout)
+    return torch.matmul(probs, v)
+
+
 def _sdpa_attention_class():
     from megatron.core import tensor_parallel
     from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -64,8 +85,11 @@ def _sdpa_attention_class():
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, np, s, hn]
             dropout = self.attention_dropout.p if self.training else 0.0
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                                         scale=self.softmax_scale)
+                if forward_mode_active():  # the fused kernels have no forward-mode rule: the same math, unfused
+                    context = _causal_attention(q, k, v, self.softmax_scale, dropout)
+                else:
+                    context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                             scale=self.softmax_scale)
             context = context.permute(2, 0, 1, 3).contiguous()
             return context.view(*context.shape[:2], self.hidden_size_per_partition)
 

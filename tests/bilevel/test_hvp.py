@@ -132,8 +132,14 @@ def test_resolve_engine_choices_and_errors():
         H.resolve_engine("finite_difference", "auto", "hessian", attention_backend="te", tp_size=1,
                          params_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="forward-mode AD"):
-        H.resolve_engine("finite_difference", "jvp", "hessian", attention_backend="sdpa", tp_size=1,
+        H.resolve_engine("finite_difference", "jvp", "hessian", attention_backend="te", tp_size=1,
                          params_dtype=torch.float32)
+    # Gauss-Newton needs forward mode only, which SDPA attention supports; the Hessian needs double backward
+    gn = H.resolve_engine("auto", "auto", "gauss_newton", attention_backend="sdpa", tp_size=1,
+                          params_dtype=torch.float32)
+    assert gn.engine == "exact" and gn.mixed_term == "jvp" and "sdpa" in gn.reason
+    assert H.resolve_engine("auto", "auto", "gauss_newton", attention_backend="te", tp_size=1,
+                            params_dtype=torch.float32).engine == "finite_difference"
 
 
 @pytest.mark.parametrize("engine", ["exact", "finite_difference"])

@@ -93,6 +93,25 @@ def test_matches_dense_implicit_hypergradient(setup, curvature):
     assert tiny.flat(result.grads).norm() > 0
 
 
+def test_exact_gauss_newton_runs_through_fused_attention(setup):
+    """Gauss-Newton products need forward-mode AD alone, which SDPAttention runs unfused: with SDPA attention the
+    exact engine gives local attention's z and hypergradient (float64)."""
+    from megatron_bliss.models import build_gpt
+    from megatron_bliss.models.score_model import build_score_model
+
+    proxy, score, tokens, val, tl = setup
+    cfg = tiny.tiny_config(attention_backend="sdpa")
+    fused_proxy, fused_score = build_gpt(cfg).double(), build_score_model(cfg).double()
+    fused_proxy.load_state_dict(proxy.state_dict())
+    fused_score.load_state_dict(score.state_dict())
+    config = _exact_config(curvature="gauss_newton", damping=0.5, solver_steps=60, mixed_term="auto")
+    local = score_hypergradient(score, proxy, tokens, val, tl, config)
+    fused = score_hypergradient(fused_score, fused_proxy, tokens, val, tl, config)
+    assert fused.engine.engine == "exact" and fused.engine.mixed_term == "jvp"
+    assert _rel(fused.z, local.z) < 1e-10
+    assert _rel(fused.grads, local.grads) < 1e-10 and tiny.flat(fused.grads).norm() > 0
+
+
 def test_batched_mixed_term_equals_per_sample_loop(setup):
     proxy, score, tokens, val, tl = setup
     common = dict(solver="sgd", solver_init="one_over_numel", solver_steps=3, damping=1e-2, solver_normalize=True)
