@@ -5,7 +5,8 @@ The layer spec follows what is installed and what the caller needs:
 - ``sdpa``: megatron-core's local spec with core attention replaced by :class:`SDPAttention`, which calls
   ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU); ``auto`` on CUDA
   without TE;
-- ``local``: megatron-core's unfused attention, the only one that supports double backward and forward-mode AD
+- ``local``: megatron-core's unfused attention, the only one that supports double backward (``sdpa`` supports
+  forward-mode AD by running the same math unfused while a forward-mode pass is active)
   (exact Hessian-vector products); ``auto`` on CPU.
 """
 
