@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from megatron_bliss.models.presets import ModelConfig
 from megatron_bliss.parallel import ParallelConfig
 
@@ -198,13 +200,9 @@ class BilevelRunConfig:
             raise ValueError("the bilevel round runs proxy-sized models without pipeline parallelism: "
                              "set parallel.pipeline_model_parallel_size=1")
         tp = self.parallel.tensor_model_parallel_size
-        if tp > 1 and b.hvp_engine == "exact":
-            raise ValueError("bilevel.hvp_engine=exact with tensor_model_parallel_size > 1: double backward through "
-                             "megatron-core's TP collectives is silently wrong; use finite_difference or auto")
-        backend = self.proxy.attention_backend
-        if b.hvp_engine == "exact" and (backend == "te" or (backend == "sdpa" and b.curvature != "gauss_newton")):
-            raise ValueError(f"bilevel.hvp_engine=exact with proxy.attention_backend={backend}"
-                             + ("" if backend == "te" else f" and bilevel.curvature={b.curvature}")
-                             + ": fused attention has no double backward; use attention_backend=local"
-                             + ("" if backend == "te" else " or curvature=gauss_newton")
-                             + ", or hvp_engine=finite_difference")
+        if b.hvp_engine == "exact":  # refused here, before any model is built, by the engine choice's own rule
+            from megatron_bliss.bilevel.hvp import resolve_engine
+            from megatron_bliss.models.gpt import resolve_attention_backend
+
+            resolve_engine("exact", "finite_difference", b.curvature, tp_size=tp, params_dtype=torch.float32,
+                           attention_backend=resolve_attention_backend(self.proxy.attention_backend))
